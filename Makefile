@@ -1,0 +1,34 @@
+# UpCLIP: `make smoke` runs the tiny built-in job, `make test` runs the test suite.
+# Both install everything they need on a fresh machine (apt packages, then .venv).
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+export PYTHONPATH := $(CURDIR)
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: setup smoke test test-unit test-dist clean
+
+setup: $(VENV)/.installed
+
+# apt packages first (Debian names, one per line in apt-packages.txt), then the venv.
+$(VENV)/.installed: requirements.txt apt-packages.txt
+	@missing=$$(for p in $$(grep -v '^#' apt-packages.txt); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then echo "apt-get install $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first: DeepSpeed's setup imports it. DS_BUILD_OPS=0: no op is compiled at install.
+	DS_BUILD_OPS=0 $(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+smoke: setup
+	$(VENV)/bin/torchrun --nproc_per_node=2 -m trainer.train --config configs/smoke.yaml
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit tests/distributed
+
+clean:
+	rm -rf runs

@@ -1,0 +1,325 @@
+"""Typed run configuration: defaults < YAML file < ``key.sub=value`` overrides.
+
+Every run is described by one :class:`Config`. ``load_config`` merges the three sources into a
+raw nested dict, expands a model preset, and builds the dataclasses field by field; any unknown
+key or ill-typed value raises :class:`ConfigError` with the dotted key and the bad value.
+This module imports neither torch nor megatron so a broken config fails in well under a second.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trainer.models.presets import MODEL_PRESETS
+
+
+class ConfigError(ValueError):
+    """A configuration problem; its message is one line naming the key and the value."""
+
+
+ACTIVATIONS = ("gelu", "quick_gelu")
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = 32
+    patch_size: int = 8
+    width: int = 64
+    layers: int = 2
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    act: str = "gelu"
+    ln_eps: float = 1e-5
+
+    def validate(self, key: str) -> None:
+        _check_tower(self, key)
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"{key}.image_size={self.image_size} is not a multiple of "
+                f"{key}.patch_size={self.patch_size}")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def seq_length(self) -> int:
+        return self.num_patches + 1  # + class token
+
+
+@dataclass
+class TextConfig:
+    context_length: int = 16
+    vocab_size: int = 49408
+    width: int = 64
+    layers: int = 2
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    act: str = "gelu"
+    ln_eps: float = 1e-5
+    # The text tower pools the hidden state at the first end-of-text token (CLIP BPE: 49407,
+    # which is also the largest id, so this equals open_clip's argmax pooling). -1: vocab_size - 1.
+    eot_token_id: int = -1
+
+    def validate(self, key: str) -> None:
+        _check_tower(self, key)
+        if self.eot_token_id >= self.vocab_size:
+            raise ConfigError(f"{key}.eot_token_id={self.eot_token_id} is outside the vocabulary "
+                              f"({key}.vocab_size={self.vocab_size})")
+
+    @property
+    def eot_id(self) -> int:
+        return self.vocab_size - 1 if self.eot_token_id < 0 else self.eot_token_id
+
+
+@dataclass
+class ModelConfig:
+    # A named preset (tiny, vit-b-32, vit-b-16, vit-l-14) fills every field below; fields given
+    # beside it in YAML or on the command line override the preset's values.
+    preset: str = "tiny"
+    embed_dim: int = 32
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    logit_scale_init: float = 2.6592600  # log(1 / 0.07), as in CLIP
+    params_dtype: str = "float32"  # float32 | bfloat16
+
+    def validate(self, key: str) -> None:
+        self.vision.validate(f"{key}.vision")
+        self.text.validate(f"{key}.text")
+        _positive(self, key, "embed_dim")
+        if self.params_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"{key}.params_dtype={self.params_dtype!r}: expected float32 or bfloat16")
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1  # tensor parallel degree (megatron-core)
+    pp: int = 1  # pipeline parallel degree; the text tower sits on the last stage
+    ep: int = 1  # expert parallel degree (DeepSpeed-MoE over megatron's EP groups)
+    # Vision blocks on the last pipeline stage (which also holds the text tower); -1: an even
+    # split of model.vision.layers over parallel.pp stages.
+    vision_layers_last_stage: int = -1
+
+    def validate(self, key: str) -> None:
+        for name in ("tp", "pp", "ep"):
+            _positive(self, key, name)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 4
+    micro_batch_size: int = 8   # per data-parallel rank, per microbatch
+    num_microbatches: int = 1   # gradient accumulation / pipeline microbatches
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 1
+
+    def validate(self, key: str) -> None:
+        for name in ("steps", "micro_batch_size", "num_microbatches", "log_every"):
+            _positive(self, key, name)
+        if self.lr <= 0:
+            raise ConfigError(f"{key}.lr={self.lr} must be > 0")
+
+
+@dataclass
+class CheckpointConfig:
+    load: str = ""      # a checkpoint directory (its manifest.json) to start from
+    save_dir: str = ""  # where step checkpoints go; empty: no saving
+
+    def validate(self, key: str) -> None:
+        if self.load:
+            path = Path(self.load)
+            if not (path / "manifest.json").is_file() and not (path / "latest").is_file():
+                raise ConfigError(f"{key}.load={self.load!r}: no checkpoint there "
+                                  f"(neither {path / 'manifest.json'} nor {path / 'latest'})")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run_dir: str = "runs/default"
+
+    def validate(self) -> None:
+        self.model.validate("model")
+        self.parallel.validate("parallel")
+        self.train.validate("train")
+        self.checkpoint.validate("checkpoint")
+        vision, text, tp, pp = self.model.vision, self.model.text, self.parallel.tp, self.parallel.pp
+        last = self.parallel.vision_layers_last_stage
+        if pp > 1:
+            rest, stages = vision.layers - max(last, 0), pp - (1 if last >= 0 else 0)
+            if last > vision.layers or rest % stages:
+                raise ConfigError(
+                    f"model.vision.layers={vision.layers} cannot be split over parallel.pp={pp} "
+                    f"stages (parallel.vision_layers_last_stage={last})")
+        for key, tower in (("model.vision", vision), ("model.text", text)):
+            if tower.heads % tp:
+                raise ConfigError(f"{key}.heads={tower.heads} is not divisible by parallel.tp={tp}")
+
+
+def _check_tower(tower: Any, key: str) -> None:
+    for name in ("width", "layers", "heads"):
+        _positive(tower, key, name)
+    if tower.width % tower.heads:
+        raise ConfigError(f"{key}.width={tower.width} is not divisible by {key}.heads={tower.heads}")
+    if tower.act not in ACTIVATIONS:
+        raise ConfigError(f"{key}.act={tower.act!r}: expected one of {', '.join(ACTIVATIONS)}")
+    if not 0 < tower.ln_eps < 1:
+        raise ConfigError(f"{key}.ln_eps={tower.ln_eps} must be in (0, 1)")
+
+
+def _positive(obj: Any, key: str, name: str) -> None:
+    value = getattr(obj, name)
+    if value <= 0:
+        raise ConfigError(f"{key}.{name}={value} must be > 0")
+
+
+# --------------------------------------------------------------------------- building
+
+def from_dict(cls: type, raw: dict, key: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict; unknown keys and bad types are errors."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{key or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in raw.items():
+        dotted = f"{key}.{name}" if key else str(name)
+        if name not in names:
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"unknown config key '{dotted}' (known here: {known})")
+        kwargs[name] = _coerce(hints[name], value, dotted)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r}: expected a list")
+        (item,) = typing.get_args(tp)[:1] or (Any,)
+        return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:
+        raise ConfigError(f"{key}: unsupported field type {tp}")
+    raise ConfigError(f"{key}={value!r}: expected {tp.__name__}")
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["a.b=1", "c=x"]`` -> ``{"a": {"b": 1}, "c": "x"}`` (values parsed as YAML scalars)."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        dotted, text = item.split("=", 1)
+        dotted = dotted.strip().lstrip("-")
+        if not dotted or any(not part for part in dotted.split(".")):
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        node = out
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override")
+        node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: dict, top: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _expand_preset(raw: dict) -> dict:
+    model = raw.get("model")
+    name = (model or {}).get("preset", ModelConfig.preset) if isinstance(model, dict) else None
+    if name is None:
+        return raw
+    if name not in MODEL_PRESETS:
+        raise ConfigError(f"model.preset={name!r}: expected one of {', '.join(MODEL_PRESETS)}")
+    return deep_merge(raw, {"model": deep_merge(MODEL_PRESETS[name], model or {})})
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {str(path)!r}{where}: not valid YAML") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {str(path)!r}: top level must be a mapping")
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """defaults < YAML file < overrides; then preset expansion and validation."""
+    raw = read_yaml(path) if path else {}
+    raw = deep_merge(raw, parse_overrides(overrides or []))
+    raw = _expand_preset(raw)
+    cfg = from_dict(Config, raw)
+    cfg.validate()
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_saved(d: dict) -> Config:
+    """Rebuild a resolved config saved with a run or checkpoint (no preset re-expansion)."""
+    cfg = from_dict(Config, d)
+    cfg.validate()
+    return cfg

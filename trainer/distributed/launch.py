@@ -1,0 +1,126 @@
+"""Who am I? Rank, world size and rendezvous address from whichever launcher started us.
+
+Supported: torchrun (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_*``), SLURM srun
+(``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``/``SLURM_JOB_NODELIST``), Open MPI
+(``OMPI_COMM_WORLD_*``), MPICH / Intel MPI / PMIx (``PMI_RANK``/``PMI_SIZE``), or a plain
+single process. torchrun wins when several are present (torchrun inside an sbatch script).
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Mapping
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str  # torchrun | slurm | mpi | single
+
+    def describe(self) -> str:
+        return (f"{self.launcher}: rank {self.rank}/{self.world_size} local {self.local_rank} "
+                f"master {self.master_addr}:{self.master_port}")
+
+
+DEFAULT_PORT = 29500
+
+
+def _int(env: Mapping[str, str], name: str) -> int:
+    value = env.get(name, "")
+    try:
+        return int(value)
+    except ValueError:
+        raise LaunchError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a SLURM hostlist: ``"gpu[003-005,9],cpu1"`` -> ``"gpu003"``."""
+    nodelist = nodelist.strip()
+    if not nodelist:
+        raise LaunchError("SLURM_JOB_NODELIST is empty")
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if not m:
+        raise LaunchError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}")
+    prefix, ranges = m.group(1), m.group(2)
+    if ranges is None:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def _port(env: Mapping[str, str], fallback: int) -> int:
+    return _int(env, "MASTER_PORT") if env.get("MASTER_PORT") else fallback
+
+
+def read_launch_env(env: Mapping[str, str] | None = None) -> LaunchEnv:
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun (or anything exporting the torch vars)
+        return LaunchEnv(_int(env, "RANK"), _int(env, "WORLD_SIZE"),
+                         _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
+                         env.get("MASTER_ADDR", "127.0.0.1"), _port(env, DEFAULT_PORT), "torchrun")
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        job = _int(env, "SLURM_JOB_ID") if env.get("SLURM_JOB_ID") else 0
+        addr = env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "")
+                                                    or env.get("SLURM_NODELIST", ""))
+        return LaunchEnv(_int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS"),
+                         _int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0,
+                         addr, _port(env, 20000 + job % 20000), "slurm")
+    for rank_var, size_var, local_vars in (
+            ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", ("OMPI_COMM_WORLD_LOCAL_RANK",)),
+            ("PMI_RANK", "PMI_SIZE", ("MPI_LOCALRANKID", "PMI_LOCAL_RANK", "PALS_LOCAL_RANKID"))):
+        if rank_var in env and size_var in env:
+            local = next((_int(env, v) for v in local_vars if v in env), 0)
+            size = _int(env, size_var)
+            local_size = env.get("OMPI_COMM_WORLD_LOCAL_SIZE") or env.get("MPI_LOCALNRANKS")
+            addr = env.get("MASTER_ADDR")
+            if not addr:
+                if local_size is not None and int(local_size) == size:
+                    addr = "127.0.0.1"  # every rank on this node
+                else:
+                    raise LaunchError(
+                        "MPI launch across nodes needs MASTER_ADDR: "
+                        "mpirun -x MASTER_ADDR=<first host> -x MASTER_PORT=<port> ...")
+            return LaunchEnv(_int(env, rank_var), size, local, addr,
+                             _port(env, DEFAULT_PORT), "mpi")
+    return LaunchEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"),
+                     _port(env, _free_port()), "single")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(launch: LaunchEnv, backend: str | None = None, timeout_s: float = 600.0):
+    """Create the default process group (gloo on CPU, nccl on GPU) from ``launch``."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
+    # megatron-core and DeepSpeed read these too.
+    os.environ.update(RANK=str(launch.rank), WORLD_SIZE=str(launch.world_size),
+                      LOCAL_RANK=str(launch.local_rank), MASTER_ADDR=launch.master_addr,
+                      MASTER_PORT=str(launch.master_port))
+    dist.init_process_group(
+        backend=backend, init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+        rank=launch.rank, world_size=launch.world_size,
+        timeout=datetime.timedelta(seconds=timeout_s))

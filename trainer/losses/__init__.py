@@ -1,0 +1,3 @@
+from trainer.losses.contrastive import clip_loss
+
+__all__ = ["clip_loss"]

@@ -1,0 +1,162 @@
+"""CLIP with megatron-core towers.
+
+Vision: patch embed -> [class token; patches] + positions -> ln_pre -> blocks -> ln_post(class
+token) -> projection. Text: tokens + positions -> causal blocks -> ln_final -> state at the
+end-of-text token -> projection. Logit scale is learned in log space.
+
+Pipeline layout (``parallel.pp = P``): the vision blocks are split over the P stages (stage 0
+also holds the patch embedding; ``parallel.vision_layers_last_stage`` may lighten the last
+one) and the whole text tower, both projections, the logit scale and the loss sit on the last
+stage, which receives the vision hidden states ``[s, b, d]`` from the previous stage. Stages
+exchange one tensor, the vision residual stream, so megatron-core's schedules apply as-is.
+Tensor parallelism lives inside megatron's Column/RowParallelLinear layers; everything else
+(embeddings, norms, projections) is replicated over TP.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.enums import ModelType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import (TransformerBlock,
+                                                         TransformerBlockSubmodules)
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from trainer.config import ModelConfig, ParallelConfig, TextConfig, VisionConfig
+from trainer.models.layer_spec import ACTIVATIONS, clip_layer_spec
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def tower_transformer_config(tower: VisionConfig | TextConfig, model: ModelConfig, tp: int,
+                             pp: int = 1, layers_last_stage: int | None = None
+                             ) -> TransformerConfig:
+    """megatron TransformerConfig for one tower. ``pp`` is the number of stages this tower is
+    split over (1 for the text tower, which lives on the last stage)."""
+    dtype = DTYPES[model.params_dtype]
+    extra = {}
+    if pp > 1 and layers_last_stage is not None and layers_last_stage >= 0:
+        extra["num_layers_in_last_pipeline_stage"] = layers_last_stage
+    return TransformerConfig(
+        num_layers=tower.layers, hidden_size=tower.width, num_attention_heads=tower.heads,
+        ffn_hidden_size=int(tower.width * tower.mlp_ratio),
+        activation_func=ACTIVATIONS[tower.act], layernorm_epsilon=tower.ln_eps,
+        normalization="LayerNorm", add_bias_linear=True, add_qkv_bias=True,
+        gated_linear_unit=False, hidden_dropout=0.0, attention_dropout=0.0,
+        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
+        persist_layer_norm=False, apply_rope_fusion=False, attention_softmax_in_fp32=True,
+        apply_query_key_layer_scaling=False,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        sequence_parallel=False, params_dtype=dtype, pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16, use_cpu_initialization=not torch.cuda.is_available(),
+        init_method_std=0.02, deallocate_pipeline_outputs=False, **extra)
+
+
+class VisionTower(MegatronModule):
+    def __init__(self, cfg: VisionConfig, tcfg: TransformerConfig, embed_dim: int,
+                 pre_process: bool, post_process: bool):
+        super().__init__(config=tcfg)
+        self.pre_process, self.post_process = pre_process, post_process
+        d = cfg.width
+        if pre_process:
+            self.conv1 = torch.nn.Conv2d(3, d, kernel_size=cfg.patch_size,
+                                         stride=cfg.patch_size, bias=False)
+            self.class_embedding = torch.nn.Parameter(torch.randn(d) * d ** -0.5)
+            self.positional_embedding = torch.nn.Parameter(
+                torch.randn(cfg.seq_length, d) * d ** -0.5)
+            self.ln_pre = torch.nn.LayerNorm(d, eps=cfg.ln_eps)
+        self.transformer = TransformerBlock(
+            tcfg, TransformerBlockSubmodules(layer_specs=[clip_layer_spec(causal=False)]
+                                             * _local_layers(tcfg)),
+            post_layer_norm=False, pre_process=pre_process, post_process=post_process)
+        if post_process:
+            self.ln_post = torch.nn.LayerNorm(d, eps=cfg.ln_eps)
+            self.proj = torch.nn.Linear(d, embed_dim, bias=False)
+
+    def set_input_tensor(self, tensor: torch.Tensor) -> None:
+        self.transformer.set_input_tensor(tensor)
+
+    def forward(self, images: torch.Tensor | None) -> torch.Tensor:
+        x = None
+        if self.pre_process:
+            x = self.conv1(images)                                  # [b, d, g, g]
+            x = x.flatten(2).transpose(1, 2)                        # [b, n, d]
+            cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+            x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+            x = self.ln_pre(x).transpose(0, 1).contiguous()         # [s, b, d]
+        x = self.transformer(hidden_states=x, attention_mask=None)  # [s, b, d]
+        if not self.post_process:
+            return x
+        return self.proj(self.ln_post(x[0]))                        # [b, e]
+
+
+class TextTower(MegatronModule):
+    def __init__(self, cfg: TextConfig, tcfg: TransformerConfig, embed_dim: int):
+        super().__init__(config=tcfg)
+        d = cfg.width
+        self.eot_id = cfg.eot_id
+        self.token_embedding = torch.nn.Embedding(cfg.vocab_size, d)
+        self.positional_embedding = torch.nn.Parameter(torch.randn(cfg.context_length, d) * 0.01)
+        self.transformer = TransformerBlock(
+            tcfg, TransformerBlockSubmodules(layer_specs=[clip_layer_spec(causal=True)]
+                                             * cfg.layers),
+            post_layer_norm=False, pre_process=True, post_process=True)
+        self.ln_final = torch.nn.LayerNorm(d, eps=cfg.ln_eps)
+        self.proj = torch.nn.Linear(d, embed_dim, bias=False)
+        torch.nn.init.normal_(self.token_embedding.weight, std=0.02)
+
+    def forward(self, text: torch.Tensor) -> torch.Tensor:
+        x = self.token_embedding(text) + self.positional_embedding  # [b, l, d]
+        x = self.transformer(hidden_states=x.transpose(0, 1).contiguous(), attention_mask=None)
+        x = self.ln_final(x.transpose(0, 1))                        # [b, l, d]
+        eot = (text == self.eot_id).int().argmax(dim=-1)            # first end-of-text
+        return self.proj(x[torch.arange(x.shape[0], device=x.device), eot])  # [b, e]
+
+
+def _local_layers(tcfg: TransformerConfig) -> int:
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    return get_num_layers_to_build(tcfg)
+
+
+class CLIP(MegatronModule):
+    """One pipeline stage of CLIP (the whole model when ``pp == 1``).
+
+    ``forward(images, text)`` returns the vision hidden states ``[s, b, d]`` on every stage but
+    the last, and ``(image_features, text_features, logit_scale)`` there, features L2-normalised.
+    """
+
+    def __init__(self, cfg: ModelConfig, parallel: ParallelConfig, pre_process: bool = True,
+                 post_process: bool = True):
+        vcfg = tower_transformer_config(cfg.vision, cfg, parallel.tp, parallel.pp,
+                                        parallel.vision_layers_last_stage)
+        super().__init__(config=vcfg)  # the schedules read hidden size / dtype from here
+        self.model_type = ModelType.encoder_or_decoder
+        self.cfg = cfg
+        self.pre_process, self.post_process = pre_process, post_process
+        self.visual = VisionTower(cfg.vision, vcfg, cfg.embed_dim, pre_process, post_process)
+        if post_process:
+            tcfg = tower_transformer_config(cfg.text, cfg, parallel.tp, pp=1)
+            self.text = TextTower(cfg.text, tcfg, cfg.embed_dim)
+            self.logit_scale = torch.nn.Parameter(torch.tensor(cfg.logit_scale_init))
+        dtype = DTYPES[cfg.params_dtype]
+        if dtype != torch.float32:
+            self.to(dtype)
+
+    def set_input_tensor(self, input_tensor) -> None:
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        self.visual.set_input_tensor(input_tensor)
+
+    def encode_image(self, images: torch.Tensor | None) -> torch.Tensor:
+        return self.visual(images)
+
+    def encode_text(self, text: torch.Tensor) -> torch.Tensor:
+        return self.text(text)
+
+    def forward(self, images: torch.Tensor | None, text: torch.Tensor | None):
+        x = self.visual(images)
+        if not self.post_process:
+            return x
+        image_features = F.normalize(x, dim=-1)
+        text_features = F.normalize(self.text(text), dim=-1)
+        return image_features, text_features, self.logit_scale.exp()

@@ -1,0 +1,274 @@
+"""State-dict adapters between UpCLIP's canonical CLIP and its peers.
+
+``from_open_clip`` / ``to_open_clip`` (also OpenAI-CLIP, whose state dicts open_clip reuses)
+and ``from_hf`` / ``to_hf`` (Hugging Face ``CLIPModel``), plus config readers. Canonical names
+are those of ``trainer.models.clip.CLIP`` at tp=1, pp=1 (see ``state.py``). The only real
+work: megatron fuses Q, K, V per head (``[h0: q k v, h1: q k v, ...]``) where open_clip stacks
+them (``[q; k; v]``) and HF keeps three matrices.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from trainer.config import ConfigError, ModelConfig, TextConfig, VisionConfig
+
+
+# --------------------------------------------------------------------------- QKV layouts
+
+def qkv_stacked_to_megatron(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[3*d, ...]`` as ``[q; k; v]`` -> megatron's per-head ``[h, (q k v), hd, ...]``."""
+    q, k, v = w.chunk(3, dim=0)
+    d = q.shape[0]
+    split = lambda t: t.reshape(heads, d // heads, *t.shape[1:])  # noqa: E731
+    return torch.stack([split(q), split(k), split(v)], dim=1).reshape(3 * d, *w.shape[1:])
+
+
+def qkv_megatron_to_stacked(w: torch.Tensor, heads: int) -> torch.Tensor:
+    d = w.shape[0] // 3
+    per = w.reshape(heads, 3, d // heads, *w.shape[1:])
+    return torch.cat([per[:, i].reshape(d, *w.shape[1:]) for i in range(3)], dim=0)
+
+
+# --------------------------------------------------------------------------- block maps
+
+# ours (inside a block) <- open_clip (inside a resblock)
+_OC_BLOCK = {
+    "input_layernorm": "ln_1", "pre_mlp_layernorm": "ln_2",
+    "self_attention.linear_proj": "attn.out_proj",
+    "mlp.linear_fc1": "mlp.c_fc", "mlp.linear_fc2": "mlp.c_proj",
+}
+_HF_BLOCK = {
+    "input_layernorm": "layer_norm1", "pre_mlp_layernorm": "layer_norm2",
+    "self_attention.linear_proj": "self_attn.out_proj",
+    "mlp.linear_fc1": "mlp.fc1", "mlp.linear_fc2": "mlp.fc2",
+}
+
+
+def _blocks(sd: dict, prefix: str) -> int:
+    idx = {int(m.group(1)) for k in sd for m in [re.match(re.escape(prefix) + r"(\d+)\.", k)] if m}
+    return max(idx) + 1 if idx else 0
+
+
+def _take(sd: dict, key: str, source: str) -> torch.Tensor:
+    if key not in sd:
+        raise KeyError(f"{source} state dict has no '{key}'")
+    return sd[key]
+
+
+def from_open_clip(sd: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    src = "open_clip"
+    out = {
+        "visual.conv1.weight": _take(sd, "visual.conv1.weight", src),
+        "visual.class_embedding": _take(sd, "visual.class_embedding", src),
+        "visual.positional_embedding": _take(sd, "visual.positional_embedding", src),
+        "visual.ln_pre.weight": _take(sd, "visual.ln_pre.weight", src),
+        "visual.ln_pre.bias": _take(sd, "visual.ln_pre.bias", src),
+        "visual.ln_post.weight": _take(sd, "visual.ln_post.weight", src),
+        "visual.ln_post.bias": _take(sd, "visual.ln_post.bias", src),
+        "visual.proj.weight": _take(sd, "visual.proj", src).t(),
+        "text.token_embedding.weight": _take(sd, "token_embedding.weight", src),
+        "text.positional_embedding": _take(sd, "positional_embedding", src),
+        "text.ln_final.weight": _take(sd, "ln_final.weight", src),
+        "text.ln_final.bias": _take(sd, "ln_final.bias", src),
+        "logit_scale": _take(sd, "logit_scale", src),
+    }
+    tp = sd.get("text_projection", sd.get("text_projection.weight"))
+    if tp is None:
+        raise KeyError("open_clip state dict has no 'text_projection'")
+    out["text.proj.weight"] = tp if "text_projection.weight" in sd else tp.t()
+    for ours, theirs, heads in (("visual.transformer.layers.", "visual.transformer.resblocks.",
+                                 cfg.vision.heads),
+                                ("text.transformer.layers.", "transformer.resblocks.",
+                                 cfg.text.heads)):
+        for i in range(_blocks(sd, theirs)):
+            a, b = f"{ours}{i}.", f"{theirs}{i}."
+            for o, t in _OC_BLOCK.items():
+                for suffix in ("weight", "bias"):
+                    out[f"{a}{o}.{suffix}"] = _take(sd, f"{b}{t}.{suffix}", src)
+            out[f"{a}self_attention.linear_qkv.weight"] = qkv_stacked_to_megatron(
+                _take(sd, f"{b}attn.in_proj_weight", src), heads)
+            out[f"{a}self_attention.linear_qkv.bias"] = qkv_stacked_to_megatron(
+                _take(sd, f"{b}attn.in_proj_bias", src), heads)
+    return {k: v.detach().clone().float() for k, v in out.items()}
+
+
+def to_open_clip(full: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {
+        "visual.conv1.weight": full["visual.conv1.weight"],
+        "visual.class_embedding": full["visual.class_embedding"],
+        "visual.positional_embedding": full["visual.positional_embedding"],
+        "visual.ln_pre.weight": full["visual.ln_pre.weight"],
+        "visual.ln_pre.bias": full["visual.ln_pre.bias"],
+        "visual.ln_post.weight": full["visual.ln_post.weight"],
+        "visual.ln_post.bias": full["visual.ln_post.bias"],
+        "visual.proj": full["visual.proj.weight"].t(),
+        "token_embedding.weight": full["text.token_embedding.weight"],
+        "positional_embedding": full["text.positional_embedding"],
+        "ln_final.weight": full["text.ln_final.weight"],
+        "ln_final.bias": full["text.ln_final.bias"],
+        "text_projection": full["text.proj.weight"].t(),
+        "logit_scale": full["logit_scale"],
+    }
+    for ours, theirs, tower in (("visual.transformer.layers.", "visual.transformer.resblocks.",
+                                 cfg.vision), ("text.transformer.layers.",
+                                               "transformer.resblocks.", cfg.text)):
+        for i in range(tower.layers):
+            a, b = f"{ours}{i}.", f"{theirs}{i}."
+            for o, t in _OC_BLOCK.items():
+                for suffix in ("weight", "bias"):
+                    out[f"{b}{t}.{suffix}"] = full[f"{a}{o}.{suffix}"]
+            out[f"{b}attn.in_proj_weight"] = qkv_megatron_to_stacked(
+                full[f"{a}self_attention.linear_qkv.weight"], tower.heads)
+            out[f"{b}attn.in_proj_bias"] = qkv_megatron_to_stacked(
+                full[f"{a}self_attention.linear_qkv.bias"], tower.heads)
+    return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
+
+def from_hf(sd: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    src = "Hugging Face CLIPModel"
+    sd = {k.removeprefix("model."): v for k, v in sd.items()}
+    out = {
+        "visual.conv1.weight": _take(sd, "vision_model.embeddings.patch_embedding.weight", src),
+        "visual.class_embedding": _take(sd, "vision_model.embeddings.class_embedding", src),
+        "visual.positional_embedding": _take(
+            sd, "vision_model.embeddings.position_embedding.weight", src),
+        "visual.ln_pre.weight": _take(sd, "vision_model.pre_layrnorm.weight", src),
+        "visual.ln_pre.bias": _take(sd, "vision_model.pre_layrnorm.bias", src),
+        "visual.ln_post.weight": _take(sd, "vision_model.post_layernorm.weight", src),
+        "visual.ln_post.bias": _take(sd, "vision_model.post_layernorm.bias", src),
+        "visual.proj.weight": _take(sd, "visual_projection.weight", src),
+        "text.token_embedding.weight": _take(
+            sd, "text_model.embeddings.token_embedding.weight", src),
+        "text.positional_embedding": _take(
+            sd, "text_model.embeddings.position_embedding.weight", src),
+        "text.ln_final.weight": _take(sd, "text_model.final_layer_norm.weight", src),
+        "text.ln_final.bias": _take(sd, "text_model.final_layer_norm.bias", src),
+        "text.proj.weight": _take(sd, "text_projection.weight", src),
+        "logit_scale": _take(sd, "logit_scale", src),
+    }
+    for ours, theirs, heads in (("visual.transformer.layers.", "vision_model.encoder.layers.",
+                                 cfg.vision.heads),
+                                ("text.transformer.layers.", "text_model.encoder.layers.",
+                                 cfg.text.heads)):
+        for i in range(_blocks(sd, theirs)):
+            a, b = f"{ours}{i}.", f"{theirs}{i}."
+            for o, t in _HF_BLOCK.items():
+                for suffix in ("weight", "bias"):
+                    out[f"{a}{o}.{suffix}"] = _take(sd, f"{b}{t}.{suffix}", src)
+            for suffix in ("weight", "bias"):
+                qkv = torch.cat([_take(sd, f"{b}self_attn.{n}_proj.{suffix}", src)
+                                 for n in "qkv"], dim=0)
+                out[f"{a}self_attention.linear_qkv.{suffix}"] = qkv_stacked_to_megatron(qkv, heads)
+    return {k: v.detach().clone().float() for k, v in out.items()}
+
+
+def to_hf(full: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {
+        "vision_model.embeddings.patch_embedding.weight": full["visual.conv1.weight"],
+        "vision_model.embeddings.class_embedding": full["visual.class_embedding"],
+        "vision_model.embeddings.position_embedding.weight": full["visual.positional_embedding"],
+        "vision_model.pre_layrnorm.weight": full["visual.ln_pre.weight"],
+        "vision_model.pre_layrnorm.bias": full["visual.ln_pre.bias"],
+        "vision_model.post_layernorm.weight": full["visual.ln_post.weight"],
+        "vision_model.post_layernorm.bias": full["visual.ln_post.bias"],
+        "visual_projection.weight": full["visual.proj.weight"],
+        "text_model.embeddings.token_embedding.weight": full["text.token_embedding.weight"],
+        "text_model.embeddings.position_embedding.weight": full["text.positional_embedding"],
+        "text_model.final_layer_norm.weight": full["text.ln_final.weight"],
+        "text_model.final_layer_norm.bias": full["text.ln_final.bias"],
+        "text_projection.weight": full["text.proj.weight"],
+        "logit_scale": full["logit_scale"],
+    }
+    for ours, theirs, tower in (("visual.transformer.layers.", "vision_model.encoder.layers.",
+                                 cfg.vision), ("text.transformer.layers.",
+                                               "text_model.encoder.layers.", cfg.text)):
+        for i in range(tower.layers):
+            a, b = f"{ours}{i}.", f"{theirs}{i}."
+            for o, t in _HF_BLOCK.items():
+                for suffix in ("weight", "bias"):
+                    out[f"{b}{t}.{suffix}"] = full[f"{a}{o}.{suffix}"]
+            for suffix in ("weight", "bias"):
+                q, k, v = qkv_megatron_to_stacked(
+                    full[f"{a}self_attention.linear_qkv.{suffix}"], tower.heads).chunk(3, dim=0)
+                for n, t in zip("qkv", (q, k, v)):
+                    out[f"{b}self_attn.{n}_proj.{suffix}"] = t
+    return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------- configs
+
+def _act(quick: bool) -> str:
+    return "quick_gelu" if quick else "gelu"
+
+
+def config_from_open_clip(model_cfg: dict, quick_gelu: bool | None = None) -> ModelConfig:
+    """ModelConfig from an open_clip model config (the JSON in open_clip/model_configs)."""
+    v, t = dict(model_cfg.get("vision_cfg", {})), dict(model_cfg.get("text_cfg", {}))
+    unsupported = {
+        "vision_cfg.timm_model_name": v.get("timm_model_name"),
+        "vision_cfg.attentional_pool": v.get("attentional_pool"),
+        "vision_cfg.no_ln_pre": v.get("no_ln_pre"),
+        "vision_cfg.final_ln_after_pool": v.get("final_ln_after_pool"),
+        "vision_cfg.ls_init_value": v.get("ls_init_value"),
+        "text_cfg.hf_model_name": t.get("hf_model_name"),
+        "text_cfg.final_ln_after_pool": t.get("final_ln_after_pool"),
+        "text_cfg.proj_bias": t.get("proj_bias"),
+        "text_cfg.ls_init_value": t.get("ls_init_value"),
+        "text_cfg.no_causal_mask": t.get("no_causal_mask"),
+        "text_cfg.embed_cls": t.get("embed_cls"),
+    }
+    for key, value in unsupported.items():
+        if value:
+            raise ConfigError(f"open_clip config {key}={value!r} is not supported by UpCLIP")
+    if v.get("pool_type", "tok") != "tok":
+        raise ConfigError(f"open_clip config vision_cfg.pool_type={v['pool_type']!r}: only 'tok'")
+    if t.get("pool_type", "argmax") not in ("argmax", "eos"):
+        raise ConfigError(f"open_clip config text_cfg.pool_type={t['pool_type']!r}: only "
+                          "'argmax' or 'eos'")
+    if not isinstance(v.get("layers", 12), int):
+        raise ConfigError("open_clip config vision_cfg.layers: ResNet towers are not supported")
+    quick = bool(model_cfg.get("quick_gelu", False)) if quick_gelu is None else quick_gelu
+    vw = v.get("width", 768)
+    vocab = t.get("vocab_size", 49408)
+    eot = t.get("eos_id", 2) if t.get("pool_type") == "eos" else -1
+    eps_v = (v.get("norm_kwargs") or {}).get("eps", 1e-5)
+    eps_t = (t.get("norm_kwargs") or {}).get("eps", 1e-5)
+    return ModelConfig(
+        preset="", embed_dim=model_cfg["embed_dim"],
+        vision=VisionConfig(image_size=v.get("image_size", 224), patch_size=v.get("patch_size", 16),
+                            width=vw, layers=v.get("layers", 12),
+                            heads=vw // v.get("head_width", 64), mlp_ratio=v.get("mlp_ratio", 4.0),
+                            act=_act(quick), ln_eps=eps_v),
+        text=TextConfig(context_length=t.get("context_length", 77), vocab_size=vocab,
+                        width=t.get("width", 512), layers=t.get("layers", 12),
+                        heads=t.get("heads", 8), mlp_ratio=t.get("mlp_ratio", 4.0),
+                        act=_act(quick), ln_eps=eps_t, eot_token_id=eot))
+
+
+def config_from_hf(hf) -> ModelConfig:
+    """ModelConfig from a transformers ``CLIPConfig`` (object or dict)."""
+    d = hf.to_dict() if hasattr(hf, "to_dict") else dict(hf)
+    v, t = d["vision_config"], d["text_config"]
+    for key, c in (("vision_config", v), ("text_config", t)):
+        if c.get("hidden_act", "quick_gelu") not in ("gelu", "quick_gelu"):
+            raise ConfigError(f"Hugging Face config {key}.hidden_act={c['hidden_act']!r}: "
+                              "only gelu / quick_gelu")
+    eos = t.get("eos_token_id", 2)
+    vocab = t["vocab_size"]
+    return ModelConfig(
+        preset="", embed_dim=d.get("projection_dim", 512),
+        vision=VisionConfig(image_size=v["image_size"], patch_size=v["patch_size"],
+                            width=v["hidden_size"], layers=v["num_hidden_layers"],
+                            heads=v["num_attention_heads"],
+                            mlp_ratio=v["intermediate_size"] / v["hidden_size"],
+                            act=v.get("hidden_act", "quick_gelu"),
+                            ln_eps=v.get("layer_norm_eps", 1e-5)),
+        text=TextConfig(context_length=t["max_position_embeddings"], vocab_size=vocab,
+                        width=t["hidden_size"], layers=t["num_hidden_layers"],
+                        heads=t["num_attention_heads"],
+                        mlp_ratio=t["intermediate_size"] / t["hidden_size"],
+                        act=t.get("hidden_act", "quick_gelu"), ln_eps=t.get("layer_norm_eps", 1e-5),
+                        # HF's legacy eos_token_id == 2 means argmax pooling == our default
+                        eot_token_id=-1 if eos == 2 else eos))

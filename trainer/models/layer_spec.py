@@ -1,0 +1,61 @@
+"""megatron-core layer specs for CLIP towers.
+
+A CLIP residual block is exactly megatron's pre-LN ``TransformerLayer``:
+``x + attn(ln_1(x))`` then ``x + mlp(ln_2(x))``, with biases on every linear layer.
+The vision tower attends bidirectionally, the text tower causally. The MoE issue swaps the
+``mlp`` submodule; nothing else changes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+try:  # apex's fused LayerNorm when it is importable; torch's otherwise (same parameters)
+    from megatron.core.fusions.fused_layer_norm import FusedLayerNorm as LayerNormImpl
+    import apex  # noqa: F401
+except ImportError:
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm as LayerNormImpl
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """OpenAI CLIP's activation: x * sigmoid(1.702 x)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"gelu": F.gelu, "quick_gelu": quick_gelu}
+
+
+def dense_mlp_spec() -> ModuleSpec:
+    return ModuleSpec(module=MLP, submodules=MLPSubmodules(
+        linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear))
+
+
+def clip_layer_spec(causal: bool, mlp: ModuleSpec | None = None) -> ModuleSpec:
+    mask = AttnMaskType.causal if causal else AttnMaskType.no_mask
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=LayerNormImpl,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": mask},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear, core_attention=DotProductAttention,
+                    linear_proj=RowParallelLinear, q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=LayerNormImpl,
+            mlp=mlp or dense_mlp_spec(),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
