@@ -25,7 +25,7 @@ $(VENV)/.installed: requirements.txt apt-packages.txt
 	touch $@
 
 smoke: setup
-	$(VENV)/bin/torchrun --nproc_per_node=2 -m trainer.train --config configs/smoke.yaml
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=2 -m trainer.train --config configs/smoke.yaml
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit tests/distributed

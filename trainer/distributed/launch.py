@@ -118,9 +118,13 @@ def init_distributed(launch: LaunchEnv, backend: str | None = None, timeout_s: f
         torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
     # megatron-core and DeepSpeed read these too.
     os.environ.update(RANK=str(launch.rank), WORLD_SIZE=str(launch.world_size),
-                      LOCAL_RANK=str(launch.local_rank), MASTER_ADDR=launch.master_addr,
-                      MASTER_PORT=str(launch.master_port))
+                      LOCAL_RANK=str(launch.local_rank))
+    if launch.launcher != "torchrun":
+        os.environ.update(MASTER_ADDR=launch.master_addr, MASTER_PORT=str(launch.master_port))
+    # Under torchrun, env:// reuses the agent's store (works with --master_port=0 too).
+    init_method = ("env://" if launch.launcher == "torchrun"
+                   else f"tcp://{launch.master_addr}:{launch.master_port}")
     dist.init_process_group(
-        backend=backend, init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+        backend=backend, init_method=init_method,
         rank=launch.rank, world_size=launch.world_size,
         timeout=datetime.timedelta(seconds=timeout_s))

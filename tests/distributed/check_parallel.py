@@ -1,0 +1,110 @@
+"""Run under torchrun (2 ranks, gloo): the same weights and batch through several layouts.
+
+    torchrun --nproc_per_node=2 tests/distributed/check_parallel.py WORKDIR
+
+WORKDIR holds ``refs.pt`` (peer embeddings and inputs) and the imported checkpoints
+``ckpt_open_clip`` / ``ckpt_hf``. Every rank writes ``result_rank{r}.json`` with the measured
+differences; tests/distributed/test_parallel.py states and checks the tolerances.
+"""
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from trainer import checkpoint, step as S  # noqa: E402
+from trainer.config import config_from_saved  # noqa: E402
+from trainer.distributed import ParallelLayout, init_distributed, read_launch_env  # noqa: E402
+from trainer.models.state import full_state_dict  # noqa: E402
+
+
+def build(workdir: Path, ckpt: str, tp: int, pp: int, world: int):
+    cfg = config_from_saved(checkpoint.read_manifest(workdir / ckpt)["config"])
+    cfg.parallel.tp, cfg.parallel.pp = tp, pp
+    layout = ParallelLayout(world, tp, pp).initialize(seed=123)
+    model = S.build_model(cfg, layout)
+    checkpoint.load_model(workdir / ckpt, model, layout)
+    return cfg, layout, model
+
+
+def microbatches(refs):
+    images, text = refs["images"], refs["text"]
+    half = images.shape[0] // 2
+    return [{"images": images[i:i + half], "text": text[i:i + half], "size": half}
+            for i in (0, half)]
+
+
+def loss_and_grads(cfg, layout, model, refs):
+    model.zero_grad(set_to_none=True)
+    loss = S.forward_backward(model, microbatches(refs), cfg)
+    grads = full_state_dict(model, layout, grads=True)
+    if layout.pp > 1:  # the loss lives on the last stage
+        box = [loss]
+        torch.distributed.broadcast_object_list(box, src=torch.distributed.get_world_size() - 1)
+        loss = box[0]
+    return loss, grads
+
+
+def max_abs(a, b):
+    return float((a - b).abs().max())
+
+
+def grad_rel(grads, ref):
+    worst = 0.0
+    for k, g in ref.items():
+        worst = max(worst, float((grads[k] - g).norm() / g.norm().clamp_min(1e-12)))
+    return worst
+
+
+def embeddings(model, refs):
+    with torch.no_grad():
+        return model.encode_image(refs["images"]), model.encode_text(refs["text"])
+
+
+def main():
+    workdir = Path(sys.argv[1])
+    launch = read_launch_env()
+    init_distributed(launch)
+    world, rank = launch.world_size, launch.rank
+    refs = torch.load(workdir / "refs.pt")
+    out = {}
+
+    # tp=1 pp=1 (two data-parallel replicas computing the same batch): the reference
+    cfg, layout, model = build(workdir, "ckpt_open_clip", 1, 1, world)
+    img, txt = embeddings(model, refs)
+    out["tp1_open_clip_embed"] = max(max_abs(img, refs["oc_image"]), max_abs(txt, refs["oc_text"]))
+    ref_loss, ref_grads = loss_and_grads(cfg, layout, model, refs)
+    ref_weights = full_state_dict(model, layout)
+
+    # tp=2: peer embeddings, loss and grads; save a checkpoint at this layout
+    cfg, layout, model = build(workdir, "ckpt_open_clip", 2, 1, world)
+    img, txt = embeddings(model, refs)
+    out["tp2_open_clip_embed"] = max(max_abs(img, refs["oc_image"]), max_abs(txt, refs["oc_text"]))
+    loss, grads = loss_and_grads(cfg, layout, model, refs)
+    out["tp2_loss_rel"] = abs(loss - ref_loss) / abs(ref_loss)
+    out["tp2_grad_rel"] = grad_rel(grads, ref_grads)
+    checkpoint.save_checkpoint(workdir / "ckpt_tp2", 7, model, checkpoint.read_manifest(
+        workdir / "ckpt_open_clip")["config"], layout)
+    cfg, layout, model = build(workdir, "ckpt_hf", 2, 1, world)
+    img, txt = embeddings(model, refs)
+    out["tp2_hf_embed"] = max(max_abs(img, refs["hf_image"]), max_abs(txt, refs["hf_text"]))
+
+    # pp=2: loss and grads through the 1F1B schedule; reload the tp=2 checkpoint at pp=2
+    cfg, layout, model = build(workdir, "ckpt_open_clip", 1, 2, world)
+    loss, grads = loss_and_grads(cfg, layout, model, refs)
+    out["pp2_loss_rel"] = abs(loss - ref_loss) / abs(ref_loss)
+    out["pp2_grad_rel"] = grad_rel(grads, ref_grads)
+    out["pp2_grad_keys_missing"] = sorted(set(ref_grads) - set(grads))
+    cfg, layout, model = build(workdir, "ckpt_tp2", 1, 2, world)
+    weights = full_state_dict(model, layout)
+    out["tp2_to_pp2_ckpt_max_abs"] = max(max_abs(weights[k], v) for k, v in ref_weights.items())
+    out["ref_loss"] = ref_loss
+    (workdir / f"result_rank{rank}.json").write_text(json.dumps(out, indent=1))
+    ParallelLayout.destroy()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

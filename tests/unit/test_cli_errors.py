@@ -1,0 +1,47 @@
+"""A broken run fails fast (< 15 s) with one line naming the problem, no traceback."""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(args, env_extra=None):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **(env_extra or {}))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(k, None)
+    env.update(env_extra or {})
+    t = time.time()
+    p = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=60)
+    return p, time.time() - t
+
+
+@pytest.mark.parametrize("args,env,needle", [
+    (["-m", "trainer.train", "--config", "configs/smoke.yaml", "trian.steps=2"], None,
+     "unknown config key 'trian'"),
+    (["-m", "trainer.train", "--config", "configs/smoke.yaml", "parallel.tp=2",
+      "parallel.pp=2"], {"RANK": "0", "WORLD_SIZE": "2"},
+     "parallel.tp * parallel.pp = 4 does not divide the world size (world=2 tp=2 pp=2 ep=1)"),
+    (["-m", "trainer.train", "--config", "configs/smoke.yaml", "checkpoint.load=/no/such/ckpt"],
+     None, "checkpoint.load='/no/such/ckpt': no checkpoint there"),
+    (["-m", "trainer.train", "--config", "configs/nope.yaml"], None,
+     "config file 'configs/nope.yaml' does not exist"),
+    (["tools/convert_checkpoint.py", "import", "--from", "open_clip", "--weights",
+      "/no/such.pt", "--model-config", "ViT-B-32", "--out", "/tmp/x"], None,
+     "--weights '/no/such.pt' does not exist"),
+    (["tools/convert_checkpoint.py", "import", "--from", "hf", "--weights", "/tmp",
+      "--out", "/tmp/upclip-never"], None, "not a Hugging Face model directory"),
+])
+def test_bad_input_one_line(args, env, needle):
+    p, seconds = run(args, env)
+    assert p.returncode == 2, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip() and "warn" not in ln.lower()]
+    assert len(lines) == 1, p.stderr
+    assert needle in lines[0]
+    assert "Traceback" not in p.stderr
+    assert seconds < 15

@@ -1,0 +1,68 @@
+import pytest
+
+from trainer.config import ConfigError, load_config, parse_overrides
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_yaml_overrides_order(tmp_path):
+    p = write(tmp_path, "train:\n  lr: 0.5\n  steps: 3\nmodel:\n  preset: vit-b-16\n")
+    cfg = load_config(p, ["train.lr=0.25", "model.vision.layers=6"])
+    assert cfg.train.lr == 0.25           # override beats YAML
+    assert cfg.train.steps == 3           # YAML beats default
+    assert cfg.train.micro_batch_size == 8  # default
+    assert cfg.model.vision.patch_size == 16 and cfg.model.vision.width == 768  # preset
+    assert cfg.model.vision.layers == 6   # field beside a preset beats it
+
+
+@pytest.mark.parametrize("preset,width,layers,patch,embed", [
+    ("vit-b-32", 768, 12, 32, 512), ("vit-b-16", 768, 12, 16, 512),
+    ("vit-l-14", 1024, 24, 14, 768), ("tiny", 64, 2, 8, 32)])
+def test_presets(preset, width, layers, patch, embed):
+    cfg = load_config(None, [f"model.preset={preset}"])
+    v = cfg.model.vision
+    assert (v.width, v.layers, v.patch_size, cfg.model.embed_dim) == (width, layers, patch, embed)
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["model.vison.width=3"], "unknown config key 'model.vison'"),
+    (["train.lr=abc"], "train.lr='abc': expected float"),
+    (["train.steps=1.5"], "train.steps=1.5: expected int"),
+    (["train.steps=0"], "train.steps=0 must be > 0"),
+    (["model.vision.act=relu"], "model.vision.act='relu'"),
+    (["model.vision.width=65"], "model.vision.width=65 is not divisible by model.vision.heads=4"),
+    (["model.preset=vit-h"], "model.preset='vit-h'"),
+    (["parallel.tp=3"], "model.vision.heads=4 is not divisible by parallel.tp=3"),
+    (["parallel.pp=3"], "cannot be split over parallel.pp=3"),
+    (["checkpoint.load=/nonexistent/ckpt"], "checkpoint.load='/nonexistent/ckpt'"),
+    (["noequals"], "not of the form key.sub=value"),
+])
+def test_errors_name_key_and_value(overrides, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_yaml_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match=r"line \d+: not valid YAML"):
+        load_config(write(tmp_path, "train:\n  lr: [1,\n"))
+    with pytest.raises(ConfigError, match="unknown config key 'trian'"):
+        load_config(write(tmp_path, "trian: {}\n"))
+
+
+def test_parse_overrides_types():
+    assert parse_overrides(["a.b=1", "a.c=0.5", "d=true", "e=x y"]) == {
+        "a": {"b": 1, "c": 0.5}, "d": True, "e": "x y"}
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+    for path in sorted(Path(__file__).resolve().parents[2].glob("configs/*.yaml")):
+        load_config(path)
