@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from trainer.data.config import DataConfig, DataConfigError
 from trainer.models.presets import MODEL_PRESETS
 
 
@@ -149,9 +150,18 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     run_dir: str = "runs/default"
 
     def validate(self) -> None:
+        try:
+            self.data.validate("data")
+        except DataConfigError as e:
+            raise ConfigError(str(e)) from None
+        if self.data.train_urls and (self.data.tokenizer.context_length
+                                     != self.model.text.context_length):
+            raise ConfigError(f"data.tokenizer.context_length={self.data.tokenizer.context_length}"
+                              f" != model.text.context_length={self.model.text.context_length}")
         self.model.validate("model")
         self.parallel.validate("parallel")
         self.train.validate("train")

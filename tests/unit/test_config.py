@@ -66,3 +66,11 @@ def test_shipped_configs_load():
     from pathlib import Path
     for path in sorted(Path(__file__).resolve().parents[2].glob("configs/*.yaml")):
         load_config(path)
+
+
+def test_data_section_errors_name_key():
+    with pytest.raises(ConfigError, match="data.batch_size=0 must be > 0"):
+        load_config(None, ["data.batch_size=0"])
+    with pytest.raises(ConfigError, match="data.tokenizer.context_length=77 != "
+                                          "model.text.context_length=16"):
+        load_config(None, ["data.train_urls=/x/{000..001}.tar"])

@@ -1,0 +1,135 @@
+"""Bad data never kills a run: every kind is skipped or repaired, and counted per reason."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tarfile
+
+import pytest
+from PIL import Image
+
+from trainer.data.config import DataConfig
+from trainer.data.counters import DataCounters
+from trainer.data.pipeline import build_train_loader
+
+
+def _jpeg(w: int = 40, h: int = 30) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (200, 30, 30)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _regions(*items) -> bytes:
+    return json.dumps({"regions": list(items)}).encode()
+
+
+GOOD = _jpeg()
+
+# key -> (files, expected effect); image is 40x30
+SAMPLES: dict[str, dict[str, bytes]] = {
+    "good": {"jpg": GOOD, "txt": b"a red image"},
+    "corrupt": {"jpg": b"\xff\xd8 not really a jpeg", "txt": b"x"},
+    "truncated": {"jpg": GOOD[: len(GOOD) // 2], "txt": b"x"},
+    "empty_image": {"jpg": b"", "txt": b"x"},
+    "no_image": {"txt": b"a caption without an image"},
+    "no_caption": {"jpg": GOOD},
+    "blank_caption": {"jpg": GOOD, "txt": b"   ", "json": b'{"caption": ""}'},
+    "json_caption": {"jpg": GOOD, "json": b'{"caption": "caption from json"}'},
+    "bad_json": {"jpg": GOOD, "txt": b"kept anyway", "json": b"{not json"},
+    "list_json": {"jpg": GOOD, "txt": b"kept anyway", "json": b"[1, 2]"},
+    "boxes": {"jpg": GOOD, "txt": b"boxes", "json": _regions(
+        {"bbox": [5, 5, 20, 20], "caption": "fine"},
+        {"bbox": [-10, 5, 20, 50], "caption": "clamped"},
+        {"bbox": [50, 40, 90, 80], "caption": "outside"},
+        {"bbox": [20, 20, 5, 5], "caption": "inverted"},
+        {"bbox": [1, 2, 3], "caption": "three numbers"},
+        {"bbox": [1, 2, 3, float("nan")], "caption": "nan"},
+        {"bbox": [1, 2, 30, 20]},
+        "not a dict",
+    )},
+    "many_regions": {"jpg": GOOD, "txt": b"many", "json": _regions(
+        *({"bbox": [i, 0, i + 10, 30], "caption": f"r{i}", "score": i / 10} for i in range(5)))},
+    "bad_utf8": {"jpg": GOOD, "txt": b"caf\xe9 latin-1"},
+}
+
+
+def _write_tar(path, samples: dict[str, dict[str, bytes]], duplicate_first: bool = False) -> None:
+    with tarfile.open(path, "w") as tar:
+        members = [(f"{k}.{ext}", data) for k, files in samples.items() for ext, data in files.items()]
+        if duplicate_first:  # the first key gets its first file twice
+            members.insert(len(next(iter(samples.values()))), members[0])
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def bad_urls(tmp_path_factory) -> list[str]:
+    d = tmp_path_factory.mktemp("bad")
+    _write_tar(d / "a.tar", SAMPLES, duplicate_first=True)
+    ok = {f"ok{i}": {"jpg": GOOD, "txt": b"fine"} for i in range(6)}
+    _write_tar(d / "full.tar", ok)
+    raw = (d / "full.tar").read_bytes()
+    (d / "cut.tar").write_bytes(raw[: len(raw) // 2 + 100])  # truncated shard
+    (d / "garbage.tar").write_bytes(b"this is not a tar file at all" * 40)
+    return [str(d / "a.tar"), str(d / "cut.tar"), str(d / "missing.tar"), str(d / "garbage.tar")]
+
+
+def _cfg(urls: list[str], workers: int) -> DataConfig:
+    cfg = DataConfig(train_urls="::".join(urls), batch_size=2, workers=workers, image_size=16,
+                     max_regions=2, shuffle_buffer=4, drop_last=False)
+    cfg.tokenizer.context_length = 8
+    cfg.augment.scale_min = 1.0  # whole image: only the schema decides which boxes survive
+    cfg.augment.ratio_min = cfg.augment.ratio_max = 40 / 30
+    return cfg
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_every_bad_kind_is_counted_not_fatal(bad_urls, workers, caplog):
+    loader = build_train_loader(_cfg(bad_urls, workers), 0, 1)
+    with caplog.at_level(logging.WARNING, logger="trainer.data"):
+        keys = [k for b in loader for k in b["keys"]]
+    c = loader.counters
+    good = {"good", "json_caption", "bad_json", "list_json", "boxes", "many_regions", "bad_utf8"}
+    assert set(keys) - {f"ok{i}" for i in range(6)} == good
+    assert c["samples_ok"] == len(keys)
+    assert c["corrupt_image"] == 3
+    assert c["missing_image"] == 1
+    assert c["missing_caption"] == 2
+    assert c["malformed_json"] == 2
+    assert c["box_clamped"] == 1 and c["box_outside"] == 1 and c["box_inverted"] == 1
+    assert c["region_malformed"] == 4
+    assert c["regions_truncated"] == 3 + 0  # 5 valid regions, R = 2
+    assert c["duplicate_file"] == 1
+    assert c["shard_read_error"] == 2   # truncated + garbage
+    assert c["shard_open_error"] == 1   # missing file
+    if workers == 0:  # worker processes log to their own stderr
+        assert "corrupt_image" in caplog.text
+
+
+def test_region_selection_prefers_scores_and_clamps(bad_urls):
+    loader = build_train_loader(_cfg(bad_urls[:1], 0), 0, 1)
+    by_key = {}
+    for b in loader:
+        for i, k in enumerate(b["keys"]):
+            by_key[k] = (b["region_boxes"][i], b["region_mask"][i])
+    boxes, mask = by_key["many_regions"]
+    assert mask.tolist() == [True, True]
+    # the two highest scores are i = 3, 4: x0 = 3/40, 4/40 in stored order
+    assert [round(v, 4) for v in boxes[:, 0].tolist()] == [0.075, 0.1]
+    boxes, mask = by_key["boxes"]
+    assert mask.tolist() == [True, True]
+    assert boxes[1].tolist() == pytest.approx([0.0, 5 / 30, 0.5, 1.0])  # clamped box
+
+
+def test_counters_log_sparsely(caplog):
+    c = DataCounters(log_first=2)
+    with caplog.at_level(logging.WARNING, logger="trainer.data"):
+        for _ in range(120):
+            c.record("corrupt_image", "shard:key")
+    assert c["corrupt_image"] == 120
+    assert caplog.text.count("corrupt_image") == 4  # 1, 2, then 10 and 100
+    with pytest.raises(KeyError):
+        c.record("not_a_reason")

@@ -1,0 +1,113 @@
+#!/usr/bin/env python
+"""Merge region pseudo-labels into existing shards, writing new shards.
+
+  python tools/add_regions.py --shards 'data/cc-{000000..000099}.tar' \
+      --regions pseudo.jsonl --out data/cc-regions [--mode replace|append]
+
+`--regions` is JSONL, one line per sample: {"key": KEY, "regions": [{"bbox": [x0,y0,x1,y1],
+"caption": str, "score": float?}, ...]} (bbox in pixels of the stored image). Each input shard
+is rewritten under --out with the same file name; a matched sample's JSON gets the regions
+("replace": instead of any it had, "append": after them), other samples are copied unchanged.
+Prints matched / unmatched counts (and writes them to OUT/add_regions.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tqdm import tqdm  # noqa: E402
+
+from trainer.data.sources import read_region_labels  # noqa: E402
+from trainer.data.stream import read_shard  # noqa: E402
+from trainer.data.urls import expand_urls  # noqa: E402
+from trainer.data.writer import OutputExistsError, ShardSink, check_fresh_output  # noqa: E402
+
+
+def valid_region(r: object) -> bool:
+    if not isinstance(r, dict) or not isinstance(r.get("caption"), str) or not r["caption"].strip():
+        return False
+    box = r.get("bbox")
+    return (isinstance(box, list) and len(box) == 4
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                    for v in box))
+
+
+def merge_sample(sample: dict, regions: list, mode: str) -> tuple[dict, bool]:
+    """The sample with its JSON carrying `regions`; True if the old JSON was unreadable."""
+    out = {k: v for k, v in sample.items() if k not in ("__url__",)}
+    meta, malformed = {}, False
+    if "json" in sample:
+        try:
+            meta = json.loads(sample["json"])
+            if not isinstance(meta, dict):
+                meta, malformed = {}, True
+        except ValueError:
+            meta, malformed = {}, True
+    if "caption" not in meta and "txt" in sample:
+        meta["caption"] = sample["txt"].decode("utf-8", errors="replace").strip()
+    old = meta.get("regions") if isinstance(meta.get("regions"), list) else []
+    meta["regions"] = (old + regions) if mode == "append" else regions
+    out["json"] = meta
+    return out, malformed
+
+
+def process(sample: dict, labels: dict, mode: str, report: dict, seen: set) -> dict:
+    key = sample["__key__"]
+    sample.pop("__duplicate__", None)
+    report["samples"] += 1
+    if key not in labels:
+        report["unmatched_samples"] += 1
+        return {k: v for k, v in sample.items() if k != "__url__"}
+    regions = [r for r in labels[key] if valid_region(r)]
+    report["invalid_regions"] += len(labels[key]) - len(regions)
+    out, malformed = merge_sample(sample, regions, mode)
+    report["malformed_json_replaced"] += malformed
+    report["matched"] += 1
+    seen.add(key)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shards", required=True, help="input shards (brace pattern, list file, dir)")
+    p.add_argument("--regions", required=True, help="pseudo-label JSONL keyed by sample key")
+    p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--mode", choices=("replace", "append"), default="replace")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+
+    urls = expand_urls(args.shards, "--shards")
+    try:
+        check_fresh_output(args.out)
+    except OutputExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    labels, duplicates = read_region_labels(args.regions)
+    seen: set[str] = set()
+    report = {"samples": 0, "matched": 0, "unmatched_samples": 0, "invalid_regions": 0,
+              "malformed_json_replaced": 0, "duplicate_label_lines": duplicates,
+              "shard_errors": []}
+    for url in tqdm(urls, desc="shards", unit="shard", disable=args.quiet):
+        name = os.path.splitext(os.path.basename(url.split()[-1]))[0]
+        with ShardSink(args.out, file_name=f"{name}.tar") as sink:
+            try:
+                for sample in read_shard(url):
+                    sink.write(process(sample, labels, args.mode, report, seen))
+            except Exception as e:  # keep going: report the shard, keep what was readable
+                report["shard_errors"].append(f"{url}: {type(e).__name__}: {e}"[:300])
+    unused = sorted(set(labels) - seen)
+    report["unused_label_keys"] = len(unused)
+    report["unused_label_examples"] = unused[:10]
+    with open(os.path.join(args.out, "add_regions.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

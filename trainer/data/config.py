@@ -1,0 +1,108 @@
+"""Data configuration (nested into the root config as ``cfg.data``). No torch import here."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# OpenAI CLIP's image normalisation (open_clip OPENAI_DATASET_MEAN / STD).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class TokenizerConfig:
+    # CLIP BPE needs nothing else; sentencepiece needs model_path. context_length must equal
+    # model.text.context_length.
+    kind: str = "clip_bpe"        # "clip_bpe" | "sentencepiece"
+    model_path: str = ""          # sentencepiece model file (kind == "sentencepiece")
+    context_length: int = 77
+    add_bos: bool = True          # sentencepiece: prepend bos (its sot token)
+    lowercase: bool = False       # sentencepiece: lower-case before encoding
+
+
+class DataConfigError(ValueError):
+    """A data-config problem; the message names the dotted key and the bad value."""
+
+
+@dataclass
+class AugmentConfig:
+    # Training: random resized crop (area fraction `scale_*`, aspect ratio `ratio_*`) then an
+    # optional horizontal flip. Evaluation: resize the short side + center crop.
+    scale_min: float = 0.9
+    scale_max: float = 1.0
+    ratio_min: float = 0.75
+    ratio_max: float = 4.0 / 3.0
+    hflip_prob: float = 0.0           # region captions often say left/right: off by default
+    interpolation: str = "bicubic"    # bicubic | bilinear | nearest
+    mean: list[float] = field(default_factory=lambda: list(CLIP_MEAN))
+    std: list[float] = field(default_factory=lambda: list(CLIP_STD))
+    # A box is kept after a crop when at least this fraction of its area is still visible and
+    # it is at least `min_box_size` output pixels wide and high.
+    min_box_visibility: float = 0.5
+    min_box_size: float = 2.0
+
+    def validate(self, key: str) -> None:
+        if not 0 < self.scale_min <= self.scale_max <= 1:
+            raise DataConfigError(f"{key}.scale_min={self.scale_min}, {key}.scale_max="
+                                  f"{self.scale_max}: need 0 < scale_min <= scale_max <= 1")
+        if not 0 < self.ratio_min <= self.ratio_max:
+            raise DataConfigError(f"{key}.ratio_min={self.ratio_min}, {key}.ratio_max="
+                                  f"{self.ratio_max}: need 0 < ratio_min <= ratio_max")
+        if not 0 <= self.hflip_prob <= 1:
+            raise DataConfigError(f"{key}.hflip_prob={self.hflip_prob} must be in [0, 1]")
+        if self.interpolation not in ("bicubic", "bilinear", "nearest"):
+            raise DataConfigError(f"{key}.interpolation={self.interpolation!r}: expected "
+                                  "bicubic, bilinear or nearest")
+        for name in ("mean", "std"):
+            if len(getattr(self, name)) != 3:
+                raise DataConfigError(f"{key}.{name}={getattr(self, name)}: expected 3 values")
+        if any(s <= 0 for s in self.std):
+            raise DataConfigError(f"{key}.std={self.std}: values must be > 0")
+        if not 0 <= self.min_box_visibility <= 1:
+            raise DataConfigError(f"{key}.min_box_visibility={self.min_box_visibility} must be in [0, 1]")
+
+
+@dataclass
+class DataConfig:
+    # Shard URLs: a brace pattern ("/data/cc-{000000..000999}.tar"), several joined by "::",
+    # a list file (*.txt / *.list / *.lst: one URL or pattern per line), a directory (its
+    # *.tar), or "pipe:CMD" (e.g. "pipe:aws s3 cp s3://b/x-{000..009}.tar -").
+    train_urls: str = ""
+    eval_urls: str = ""               # class-labelled eval split (zero-shot); may be empty
+    batch_size: int = 8               # per rank
+    eval_batch_size: int = 0          # 0: batch_size
+    workers: int = 2                  # DataLoader workers per rank (0: in the main process)
+    prefetch_factor: int = 2
+    pin_memory: bool = False
+    seed: int = 0
+    shuffle_shards: bool = True       # per-epoch permutation of the shard list
+    shuffle_buffer: int = 1000        # sample shuffle buffer per worker; 0 or 1: no shuffle
+    resampled: bool = False           # draw shards with replacement, endless per-worker streams
+    # Batches per rank per epoch. Required when resampled (an "epoch" is then this many batches);
+    # optional otherwise, where it caps the epoch so every rank runs the same number of steps.
+    batches_per_epoch: int = 0
+    drop_last: bool = True            # training: only full batches (fixed shapes)
+    image_size: int = 224
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    max_regions: int = 0              # R: region boxes/captions per image (0: global loss only)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+    def validate(self, key: str = "data") -> None:
+        for name in ("batch_size", "image_size", "prefetch_factor"):
+            if getattr(self, name) <= 0:
+                raise DataConfigError(f"{key}.{name}={getattr(self, name)} must be > 0")
+        for name in ("workers", "shuffle_buffer", "batches_per_epoch", "max_regions", "eval_batch_size"):
+            if getattr(self, name) < 0:
+                raise DataConfigError(f"{key}.{name}={getattr(self, name)} must be >= 0")
+        if self.resampled and self.batches_per_epoch <= 0:
+            raise DataConfigError(f"{key}.resampled=true needs {key}.batches_per_epoch > 0 "
+                                  f"(got {self.batches_per_epoch})")
+        if self.tokenizer.kind not in ("clip_bpe", "sentencepiece"):
+            raise DataConfigError(f"{key}.tokenizer.kind={self.tokenizer.kind!r}: expected "
+                                  "clip_bpe or sentencepiece")
+        if self.tokenizer.kind == "sentencepiece" and not self.tokenizer.model_path:
+            raise DataConfigError(f"{key}.tokenizer.kind=sentencepiece needs "
+                                  f"{key}.tokenizer.model_path")
+        if self.tokenizer.context_length < 2:
+            raise DataConfigError(f"{key}.tokenizer.context_length={self.tokenizer.context_length} "
+                                  "must be >= 2")
+        self.augment.validate(f"{key}.augment")

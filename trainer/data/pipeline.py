@@ -1,0 +1,275 @@
+"""Shards -> batches on one data-parallel rank, resumable at any batch.
+
+    loader = build_train_loader(cfg.data, rank=dp_rank, world=dp_size)
+    for batch in loader:            # one epoch, continuing from the loader's state
+        ...
+        ckpt["data"] = loader.state_dict()     # per rank; small and JSON-serialisable
+    loader.load_state_dict(ckpt["data"])       # the next iteration continues exactly there
+
+Each DataLoader worker w of rank r is one logical stream (see stream.py). Workers yield whole
+batches tagged with their cursor; the loader takes batches from the workers in a fixed
+round-robin order (skipping finished workers), whatever order they arrive in, so the batch
+sequence of a rank is a pure function of (data, seed, epoch, rank, world, workers) and a resumed
+run sees exactly the batches an uninterrupted one would have seen next.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import random
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from trainer.data.collate import SampleProcessor, collate
+from trainer.data.config import DataConfig
+from trainer.data.counters import DataCounters
+from trainer.data.stream import Cursor, SampleStream, mix_seed, worker_shards
+from trainer.data.tokenizer import Tokenizer, build_tokenizer
+from trainer.data.transforms import ImageTransform
+from trainer.data.urls import expand_urls
+
+log = logging.getLogger("trainer.data")
+
+STATE_VERSION = 1
+
+
+class ShardDataset(IterableDataset):
+    """The per-worker side: one worker's shards -> shuffled samples -> examples -> batches.
+
+    Yields items {"kind": "batch" | "end", "worker": w, "cursor": dict, "batch": dict}.
+    """
+
+    def __init__(self, urls: list[str], processor: SampleProcessor, *, rank: int, world: int,
+                 num_workers: int, batch_size: int, drop_last: bool, seed: int,
+                 shuffle_shards: bool, shuffle_buffer: int, resampled: bool, train: bool):
+        if not 0 <= rank < world:
+            raise ValueError(f"rank={rank} is outside world={world}")
+        self.urls = urls
+        self.processor = processor
+        self.rank, self.world, self.num_workers = rank, world, max(1, num_workers)
+        self.batch_size, self.drop_last = batch_size, drop_last
+        self.seed, self.shuffle_shards, self.shuffle_buffer = seed, shuffle_shards, shuffle_buffer
+        self.resampled, self.train = resampled, train
+        self.epoch = 0
+        self.cursors = [Cursor() for _ in range(self.num_workers)]
+        self.empty_tokens = processor.tokenizer([""])[0]  # [L]: sot, eot, pad...
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        if info is not None and info.num_workers != self.num_workers:
+            raise RuntimeError(f"DataLoader has {info.num_workers} workers, dataset expects "
+                               f"{self.num_workers}")
+        yield from self.worker_items(info.id if info is not None else 0)
+
+    def shards_of(self, worker: int) -> Iterator[str]:
+        return worker_shards(self.urls, seed=self.seed, epoch=self.epoch, rank=self.rank,
+                             world=self.world, worker=worker, num_workers=self.num_workers,
+                             shuffle=self.shuffle_shards, resampled=self.resampled)
+
+    def worker_items(self, w: int) -> Iterator[dict]:
+        start = self.cursors[w]
+        counters = DataCounters(start.counters)
+        stream = SampleStream(lambda: self.shards_of(w), self.shuffle_buffer if self.train else 1,
+                              mix_seed(self.seed, self.epoch, self.rank, w), start, counters)
+        batches, emitted, batch = start.batches, start.emitted, []
+
+        def item(kind: str, done: bool, payload: dict | None = None) -> dict:
+            cur = Cursor(emitted, stream.n_read if stream.ended else -1, list(stream.shard_sizes),
+                         batches, done, counters.as_dict())
+            return {"kind": kind, "worker": w, "cursor": cur.to_dict(), "batch": payload}
+
+        if not start.done:
+            for e, raw in stream:
+                emitted = e + 1
+                rng = None
+                if self.train:  # augmentation seeded by the sample's position: replays on resume
+                    rng = random.Random(mix_seed("aug", self.seed, self.epoch, self.rank, w, e))
+                ex = self.processor(raw, counters, rng)
+                if ex is None:
+                    continue
+                batch.append(ex)
+                if len(batch) == self.batch_size:
+                    batches += 1
+                    yield item("batch", False, collate(batch, self.processor.max_regions, self.empty_tokens))
+                    batch = []
+            if batch and not self.drop_last:
+                batches += 1
+                yield item("batch", False, collate(batch, self.processor.max_regions, self.empty_tokens))
+        yield item("end", True)
+
+
+class ShardLoader:
+    """Rank-level loader: iterating it runs (the rest of) the current epoch.
+
+    State (`state_dict`) = epoch, next worker in the round-robin, and one Cursor per worker.
+    """
+
+    def __init__(self, dataset: ShardDataset, *, workers: int, prefetch_factor: int = 2,
+                 pin_memory: bool = False, batches_per_epoch: int = 0):
+        self.dataset = dataset
+        self.workers = workers
+        self.prefetch_factor = prefetch_factor
+        self.pin_memory = pin_memory
+        self.batches_per_epoch = batches_per_epoch
+        self.epoch = 0
+        self.next_worker = 0
+        self.batches_in_epoch = 0
+        self.cursors = [Cursor() for _ in range(dataset.num_workers)]
+        self.past_counters: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ iteration
+    def __len__(self) -> int:
+        if self.batches_per_epoch <= 0:
+            raise TypeError("the number of batches per epoch is unknown (data.batches_per_epoch=0)")
+        return self.batches_per_epoch
+
+    def __iter__(self) -> Iterator[dict]:
+        ds = self.dataset
+        ds.epoch, ds.cursors = self.epoch, [Cursor.from_dict(c.to_dict()) for c in self.cursors]
+        W = ds.num_workers
+        if self.workers == 0:
+            gen = ds.worker_items(0)
+            pull, close = (lambda w: next(gen)), gen.close
+        else:
+            it = iter(DataLoader(ds, batch_size=None, num_workers=W, prefetch_factor=self.prefetch_factor,
+                                 pin_memory=self.pin_memory, persistent_workers=False))
+            pending: dict[int, collections.deque] = {w: collections.deque() for w in range(W)}
+
+            def pull(w: int) -> dict:
+                while not pending[w]:
+                    try:
+                        got = next(it)
+                    except StopIteration:
+                        raise RuntimeError(f"data worker {w} stopped without its end marker") from None
+                    pending[got["worker"]].append(got)
+                return pending[w].popleft()
+
+            def close() -> None:
+                shutdown = getattr(it, "_shutdown_workers", None)
+                if shutdown is not None:
+                    shutdown()
+        try:
+            while self.batches_per_epoch <= 0 or self.batches_in_epoch < self.batches_per_epoch:
+                w = self._next_active()
+                if w is None:
+                    break
+                got = pull(w)
+                self.cursors[w] = Cursor.from_dict(got["cursor"])
+                self.next_worker = (w + 1) % W
+                if got["kind"] == "end":
+                    continue
+                self.batches_in_epoch += 1
+                yield got["batch"]
+        finally:
+            close()
+        self._finish_epoch()
+
+    def _next_active(self) -> int | None:
+        W = len(self.cursors)
+        for k in range(W):
+            w = (self.next_worker + k) % W
+            if not self.cursors[w].done:
+                return w
+        return None
+
+    def _finish_epoch(self) -> None:
+        log.info("data: rank %d finished epoch %d after %d batches (%s)", self.dataset.rank,
+                 self.epoch, self.batches_in_epoch, self.counters.summary())
+        self.past_counters = self.counters.as_dict()
+        self.set_epoch(self.epoch + 1)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start `epoch` from its beginning at the next iteration."""
+        self.epoch = epoch
+        self.next_worker = 0
+        self.batches_in_epoch = 0
+        self.cursors = [Cursor() for _ in range(self.dataset.num_workers)]
+
+    # ------------------------------------------------------------------ reporting
+    @property
+    def counters(self) -> DataCounters:
+        """Bad-data counters of this rank since the run started (resumes included)."""
+        return DataCounters(self.past_counters).merged(*(c.counters for c in self.cursors))
+
+    # ------------------------------------------------------------------ resume
+    def _layout(self) -> dict:
+        ds = self.dataset
+        return {"rank": ds.rank, "world": ds.world, "workers": ds.num_workers, "seed": ds.seed,
+                "resampled": ds.resampled, "num_shards": len(ds.urls), "batch_size": ds.batch_size}
+
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, **self._layout(), "epoch": self.epoch,
+                "next_worker": self.next_worker, "batches_in_epoch": self.batches_in_epoch,
+                "cursors": [c.to_dict() for c in self.cursors],
+                "past_counters": dict(self.past_counters)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"data state version {state.get('version')!r}, expected {STATE_VERSION}")
+        names = {"rank": "rank", "world": "data-parallel world size", "workers": "data.workers",
+                 "seed": "data.seed", "resampled": "data.resampled",
+                 "num_shards": "number of shards in data.train_urls", "batch_size": "data.batch_size"}
+        now = self._layout()
+        wrong = [f"{names[k]}: saved {state.get(k)!r}, now {v!r}"
+                 for k, v in now.items() if state.get(k) != v]
+        if wrong:
+            raise ValueError("cannot resume the data position exactly; these differ from the "
+                             "checkpoint: " + "; ".join(wrong))
+        self.epoch = int(state["epoch"])
+        self.next_worker = int(state["next_worker"])
+        self.batches_in_epoch = int(state["batches_in_epoch"])
+        self.cursors = [Cursor.from_dict(c) for c in state["cursors"]]
+        self.past_counters = {k: int(v) for k, v in state["past_counters"].items()}
+
+
+# ---------------------------------------------------------------------- builders
+
+def _processor(cfg: DataConfig, train: bool, tokenizer: Tokenizer | None) -> SampleProcessor:
+    a = cfg.augment
+    transform = ImageTransform(
+        size=cfg.image_size, train=train, scale=(a.scale_min, a.scale_max),
+        ratio=(a.ratio_min, a.ratio_max), hflip_prob=a.hflip_prob, interpolation=a.interpolation,
+        mean=tuple(a.mean), std=tuple(a.std), min_visibility=a.min_box_visibility,
+        min_size=a.min_box_size)
+    return SampleProcessor(transform, tokenizer or build_tokenizer(cfg.tokenizer), cfg.max_regions)
+
+
+def build_train_loader(cfg: DataConfig, rank: int, world: int,
+                       tokenizer: Tokenizer | None = None) -> ShardLoader:
+    """The training loader of data-parallel rank `rank` of `world` (pass DP rank/size, not the
+    global rank: tensor/pipeline-parallel peers must see the same batches)."""
+    cfg.validate("data")
+    urls = expand_urls(cfg.train_urls, "data.train_urls")
+    slots = world * max(1, cfg.workers)
+    if not cfg.resampled and len(urls) < slots:
+        log.warning("data: %d shards for %d (rank x worker) slots: some workers get no shard; "
+                    "use more shards or data.resampled=true", len(urls), slots)
+    ds = ShardDataset(urls, _processor(cfg, True, tokenizer), rank=rank, world=world,
+                      num_workers=cfg.workers, batch_size=cfg.batch_size, drop_last=cfg.drop_last,
+                      seed=cfg.seed, shuffle_shards=cfg.shuffle_shards,
+                      shuffle_buffer=cfg.shuffle_buffer, resampled=cfg.resampled, train=True)
+    return ShardLoader(ds, workers=cfg.workers, prefetch_factor=cfg.prefetch_factor,
+                       pin_memory=cfg.pin_memory, batches_per_epoch=cfg.batches_per_epoch)
+
+
+def build_eval_loader(cfg: DataConfig, rank: int = 0, world: int = 1, urls: str | None = None,
+                      tokenizer: Tokenizer | None = None) -> ShardLoader:
+    """Deterministic evaluation loader over `urls` (default data.eval_urls): no shuffle, no
+    augmentation (resize + center crop), keeps the last partial batch."""
+    spec = urls if urls is not None else cfg.eval_urls
+    shard_urls = expand_urls(spec, "data.eval_urls")
+    ds = ShardDataset(shard_urls, _processor(cfg, False, tokenizer), rank=rank, world=world,
+                      num_workers=cfg.workers, batch_size=cfg.eval_batch_size or cfg.batch_size,
+                      drop_last=False, seed=cfg.seed, shuffle_shards=False, shuffle_buffer=1,
+                      resampled=False, train=False)
+    return ShardLoader(ds, workers=cfg.workers, prefetch_factor=cfg.prefetch_factor,
+                       pin_memory=cfg.pin_memory)
+
+
+def data_parallel_rank_world(group=None) -> tuple[int, int]:
+    """(rank, world) in `group` (pass the data-parallel group) or (0, 1) without distributed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
+    return 0, 1

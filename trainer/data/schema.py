@@ -1,0 +1,145 @@
+"""The shard sample schema (see README.md) and its tolerant decoder.
+
+A raw sample is what a tar holds for one key: {"__key__", "__url__", "jpg"|"png"|..., "txt",
+"json"?, "cls"?} with bytes values. `decode_sample` turns it into a `Decoded` sample or raises
+`SkipSample(reason)`; repairs (clamped boxes, dropped regions) are counted on the way.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from trainer.data.counters import DataCounters
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+class SkipSample(Exception):
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class Decoded:
+    key: str
+    image: Image.Image                      # RGB
+    caption: str
+    boxes: np.ndarray                       # [n, 4] float64 xyxy pixels of `image`
+    region_captions: list[str] = field(default_factory=list)
+    region_scores: list[float] = field(default_factory=list)
+    label: int = -1                         # class label for eval splits (.cls or json "label")
+
+
+def decode_image(data: bytes) -> Image.Image:
+    if not data:
+        raise SkipSample("corrupt_image", "empty file")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()  # full decode now: truncated files fail here, not later
+            img = im.convert("RGB")
+    except Exception as e:  # PIL raises OSError, SyntaxError, DecompressionBombError, ...
+        raise SkipSample("corrupt_image", f"{type(e).__name__}: {e}") from None
+    if img.width < 1 or img.height < 1:
+        raise SkipSample("corrupt_image", f"size {img.size}")
+    return img
+
+
+def _text(data: bytes | None) -> str:
+    if not data:
+        return ""
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return data.decode("utf-8", errors="replace").strip()
+
+
+def _parse_json(data: bytes | None, counters: DataCounters, where: str) -> dict:
+    if data is None:
+        return {}
+    try:
+        meta = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        counters.record("malformed_json", where, str(e)[:80])
+        return {}
+    if not isinstance(meta, dict):
+        counters.record("malformed_json", where, f"top level is {type(meta).__name__}")
+        return {}
+    return meta
+
+
+def _finite_box(bbox) -> list[float] | None:
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        return None
+    try:
+        out = [float(v) for v in bbox]
+    except (TypeError, ValueError):
+        return None
+    return out if all(math.isfinite(v) for v in out) else None
+
+
+def parse_regions(meta: dict, width: int, height: int, counters: DataCounters, where: str
+                  ) -> tuple[np.ndarray, list[str], list[float]]:
+    """Validate `meta["regions"]` against the stored image size; clamp or drop bad boxes."""
+    regions = meta.get("regions") or []
+    if not isinstance(regions, list):
+        counters.record("region_malformed", where, "regions is not a list")
+        return np.zeros((0, 4)), [], []
+    boxes, caps, scores = [], [], []
+    for r in regions:
+        box = _finite_box(r.get("bbox")) if isinstance(r, dict) else None
+        cap = r.get("caption") if isinstance(r, dict) else None
+        if box is None or not isinstance(cap, str) or not cap.strip():
+            counters.record("region_malformed", where, repr(r)[:80])
+            continue
+        x0, y0, x1, y1 = box
+        if x1 <= x0 or y1 <= y0:
+            counters.record("box_inverted", where, f"{box}")
+            continue
+        if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
+            counters.record("box_outside", where, f"{box} in {width}x{height}")
+            continue
+        if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+            counters.record("box_clamped", where, f"{box} in {width}x{height}")
+            x0, y0, x1, y1 = max(x0, 0.0), max(y0, 0.0), min(x1, float(width)), min(y1, float(height))
+        score = r.get("score", 1.0)
+        score = float(score) if isinstance(score, (int, float)) and math.isfinite(score) else 1.0
+        boxes.append((x0, y0, x1, y1))
+        caps.append(cap.strip())
+        scores.append(score)
+    arr = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    return arr, caps, scores
+
+
+def decode_sample(raw: dict, counters: DataCounters, want_regions: bool = True) -> Decoded:
+    key = raw.get("__key__", "?")
+    where = f"{raw.get('__url__', '?')}:{key}"
+    image_bytes = next((raw[e] for e in IMAGE_EXTS if e in raw), None)
+    if image_bytes is None:
+        raise SkipSample("missing_image", f"fields {sorted(k for k in raw if not k.startswith('__'))}")
+    meta = _parse_json(raw.get("json"), counters, where)
+    caption = _text(raw.get("txt"))
+    if not caption and isinstance(meta.get("caption"), str):
+        caption = meta["caption"].strip()
+    if not caption:
+        raise SkipSample("missing_caption")
+    image = decode_image(image_bytes)
+    label = -1
+    if "cls" in raw:
+        try:
+            label = int(_text(raw["cls"]))
+        except ValueError:
+            label = -1
+    elif isinstance(meta.get("label"), int) and not isinstance(meta.get("label"), bool):
+        label = meta["label"]
+    if want_regions and meta.get("regions") is not None:
+        boxes, caps, scores = parse_regions(meta, image.width, image.height, counters, where)
+    else:
+        boxes, caps, scores = np.zeros((0, 4)), [], []
+    return Decoded(key, image, caption, boxes, caps, scores, label)

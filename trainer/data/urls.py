@@ -1,0 +1,59 @@
+"""Shard URL expansion: brace patterns, "::" lists, list files, directories, pipe: commands."""
+from __future__ import annotations
+
+import glob
+import os
+import re
+
+from webdataset.shardlists import expand_urls as _wds_expand
+
+LIST_FILE_SUFFIXES = (".txt", ".list", ".lst")
+
+
+def expand_urls(spec: str | list[str], key: str = "data.train_urls") -> list[str]:
+    """Turn a URL spec into the ordered list of shard URLs.
+
+    - "a-{000..009}.tar" brace patterns, several joined by "::" (webdataset's rules, which also
+      substitute ${WDS_*} environment variables);
+    - a local list file (*.txt, *.list, *.lst): one URL or pattern per line, "#" comments;
+    - a local directory: its *.tar files, sorted; a local glob with "*";
+    - "pipe:CMD", http(s)://, file: and other schemes webdataset's gopen reads, passed through.
+    """
+    items = [spec] if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for item in items:
+        for url in _wds_expand(item.strip()) if item.strip() else []:
+            out.extend(_expand_one(url, key))
+    if not out:
+        raise ValueError(f"{key}={spec!r}: no shard URLs")
+    return out
+
+
+def _expand_one(url: str, key: str) -> list[str]:
+    if ":" in url.split("/", 1)[0] and not url.startswith("file:"):  # pipe:, http:, s3:, ...
+        return [url]
+    path = re.sub(r"^file:(//)?", "", url)
+    if path.endswith(LIST_FILE_SUFFIXES):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{key}: list file {path!r} does not exist")
+        urls: list[str] = []
+        with open(path) as f:
+            for line in f:
+                line = line.split("#", 1)[0].strip()
+                if line:
+                    base = os.path.dirname(os.path.abspath(path))
+                    if not line.startswith("/") and ":" not in line.split("/", 1)[0]:
+                        line = os.path.join(base, line)  # relative entries: relative to the list file
+                    urls.extend(expand_urls(line, key))
+        return urls
+    if os.path.isdir(path):
+        found = sorted(glob.glob(os.path.join(path, "*.tar")))
+        if not found:
+            raise FileNotFoundError(f"{key}: directory {path!r} holds no *.tar shards")
+        return found
+    if any(c in path for c in "*?["):
+        found = sorted(glob.glob(path))
+        if not found:
+            raise FileNotFoundError(f"{key}: glob {path!r} matches no file")
+        return found
+    return [url]
