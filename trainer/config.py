@@ -29,18 +29,34 @@ ACTIVATIONS = ("gelu", "quick_gelu")
 
 
 @dataclass
-class VisionConfig:
-    image_size: int = 32
-    patch_size: int = 8
+class TowerConfig:
+    """What both towers share: a stack of pre-LN transformer blocks."""
     width: int = 64
     layers: int = 2
     heads: int = 4
     mlp_ratio: float = 4.0
-    act: str = "gelu"
+    act: str = "gelu"      # gelu | quick_gelu (OpenAI's checkpoints)
     ln_eps: float = 1e-5
 
     def validate(self, key: str) -> None:
-        _check_tower(self, key)
+        for name in ("width", "layers", "heads"):
+            _positive(self, key, name)
+        if self.width % self.heads:
+            raise ConfigError(f"{key}.width={self.width} is not divisible by "
+                              f"{key}.heads={self.heads}")
+        if self.act not in ACTIVATIONS:
+            raise ConfigError(f"{key}.act={self.act!r}: expected one of {', '.join(ACTIVATIONS)}")
+        if not 0 < self.ln_eps < 1:
+            raise ConfigError(f"{key}.ln_eps={self.ln_eps} must be in (0, 1)")
+
+
+@dataclass
+class VisionConfig(TowerConfig):
+    image_size: int = 32
+    patch_size: int = 8
+
+    def validate(self, key: str) -> None:
+        super().validate(key)
         if self.image_size % self.patch_size:
             raise ConfigError(
                 f"{key}.image_size={self.image_size} is not a multiple of "
@@ -56,21 +72,15 @@ class VisionConfig:
 
 
 @dataclass
-class TextConfig:
+class TextConfig(TowerConfig):
     context_length: int = 16
     vocab_size: int = 49408
-    width: int = 64
-    layers: int = 2
-    heads: int = 4
-    mlp_ratio: float = 4.0
-    act: str = "gelu"
-    ln_eps: float = 1e-5
     # The text tower pools the hidden state at the first end-of-text token (CLIP BPE: 49407,
     # which is also the largest id, so this equals open_clip's argmax pooling). -1: vocab_size - 1.
     eot_token_id: int = -1
 
     def validate(self, key: str) -> None:
-        _check_tower(self, key)
+        super().validate(key)
         if self.eot_token_id >= self.vocab_size:
             raise ConfigError(f"{key}.eot_token_id={self.eot_token_id} is outside the vocabulary "
                               f"({key}.vocab_size={self.vocab_size})")
@@ -177,17 +187,6 @@ class Config:
         for key, tower in (("model.vision", vision), ("model.text", text)):
             if tower.heads % tp:
                 raise ConfigError(f"{key}.heads={tower.heads} is not divisible by parallel.tp={tp}")
-
-
-def _check_tower(tower: Any, key: str) -> None:
-    for name in ("width", "layers", "heads"):
-        _positive(tower, key, name)
-    if tower.width % tower.heads:
-        raise ConfigError(f"{key}.width={tower.width} is not divisible by {key}.heads={tower.heads}")
-    if tower.act not in ACTIVATIONS:
-        raise ConfigError(f"{key}.act={tower.act!r}: expected one of {', '.join(ACTIVATIONS)}")
-    if not 0 < tower.ln_eps < 1:
-        raise ConfigError(f"{key}.ln_eps={tower.ln_eps} must be in (0, 1)")
 
 
 def _positive(obj: Any, key: str, name: str) -> None:
