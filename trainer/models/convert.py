@@ -31,19 +31,55 @@ def qkv_megatron_to_stacked(w: torch.Tensor, heads: int) -> torch.Tensor:
     return torch.cat([per[:, i].reshape(d, *w.shape[1:]) for i in range(3)], dim=0)
 
 
-# --------------------------------------------------------------------------- block maps
+# --------------------------------------------------------------------------- key tables
+# Each peer is one table, read in both directions. Keys are ours, values the peer's.
 
-# ours (inside a block) <- open_clip (inside a resblock)
-_OC_BLOCK = {
+_OC_TOP = {
+    "visual.conv1.weight": "visual.conv1.weight",
+    "visual.class_embedding": "visual.class_embedding",
+    "visual.positional_embedding": "visual.positional_embedding",
+    "visual.ln_pre.weight": "visual.ln_pre.weight", "visual.ln_pre.bias": "visual.ln_pre.bias",
+    "visual.ln_post.weight": "visual.ln_post.weight", "visual.ln_post.bias": "visual.ln_post.bias",
+    "visual.proj.weight": "visual.proj",          # open_clip stores projections as [in, out]
+    "text.token_embedding.weight": "token_embedding.weight",
+    "text.positional_embedding": "positional_embedding",
+    "text.ln_final.weight": "ln_final.weight", "text.ln_final.bias": "ln_final.bias",
+    "text.proj.weight": "text_projection",
+    "logit_scale": "logit_scale",
+}
+_OC_TRANSPOSED = {"visual.proj.weight", "text.proj.weight"}
+_OC_TOWERS = (("visual.transformer.layers.", "visual.transformer.resblocks.", "vision"),
+              ("text.transformer.layers.", "transformer.resblocks.", "text"))
+_OC_BLOCK = {  # inside a block, without .weight / .bias
     "input_layernorm": "ln_1", "pre_mlp_layernorm": "ln_2",
     "self_attention.linear_proj": "attn.out_proj",
     "mlp.linear_fc1": "mlp.c_fc", "mlp.linear_fc2": "mlp.c_proj",
 }
+
+_HF_TOP = {
+    "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
+    "visual.class_embedding": "vision_model.embeddings.class_embedding",
+    "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
+    "visual.ln_pre.weight": "vision_model.pre_layrnorm.weight",  # sic, HF's spelling
+    "visual.ln_pre.bias": "vision_model.pre_layrnorm.bias",
+    "visual.ln_post.weight": "vision_model.post_layernorm.weight",
+    "visual.ln_post.bias": "vision_model.post_layernorm.bias",
+    "visual.proj.weight": "visual_projection.weight",
+    "text.token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+    "text.positional_embedding": "text_model.embeddings.position_embedding.weight",
+    "text.ln_final.weight": "text_model.final_layer_norm.weight",
+    "text.ln_final.bias": "text_model.final_layer_norm.bias",
+    "text.proj.weight": "text_projection.weight",
+    "logit_scale": "logit_scale",
+}
+_HF_TOWERS = (("visual.transformer.layers.", "vision_model.encoder.layers.", "vision"),
+              ("text.transformer.layers.", "text_model.encoder.layers.", "text"))
 _HF_BLOCK = {
     "input_layernorm": "layer_norm1", "pre_mlp_layernorm": "layer_norm2",
     "self_attention.linear_proj": "self_attn.out_proj",
     "mlp.linear_fc1": "mlp.fc1", "mlp.linear_fc2": "mlp.fc2",
 }
+_QKV = "self_attention.linear_qkv"
 
 
 def _blocks(sd: dict, prefix: str) -> int:
@@ -57,144 +93,81 @@ def _take(sd: dict, key: str, source: str) -> torch.Tensor:
     return sd[key]
 
 
-def from_open_clip(sd: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    src = "open_clip"
-    out = {
-        "visual.conv1.weight": _take(sd, "visual.conv1.weight", src),
-        "visual.class_embedding": _take(sd, "visual.class_embedding", src),
-        "visual.positional_embedding": _take(sd, "visual.positional_embedding", src),
-        "visual.ln_pre.weight": _take(sd, "visual.ln_pre.weight", src),
-        "visual.ln_pre.bias": _take(sd, "visual.ln_pre.bias", src),
-        "visual.ln_post.weight": _take(sd, "visual.ln_post.weight", src),
-        "visual.ln_post.bias": _take(sd, "visual.ln_post.bias", src),
-        "visual.proj.weight": _take(sd, "visual.proj", src).t(),
-        "text.token_embedding.weight": _take(sd, "token_embedding.weight", src),
-        "text.positional_embedding": _take(sd, "positional_embedding", src),
-        "text.ln_final.weight": _take(sd, "ln_final.weight", src),
-        "text.ln_final.bias": _take(sd, "ln_final.bias", src),
-        "logit_scale": _take(sd, "logit_scale", src),
-    }
-    tp = sd.get("text_projection", sd.get("text_projection.weight"))
-    if tp is None:
-        raise KeyError("open_clip state dict has no 'text_projection'")
-    out["text.proj.weight"] = tp if "text_projection.weight" in sd else tp.t()
-    for ours, theirs, heads in (("visual.transformer.layers.", "visual.transformer.resblocks.",
-                                 cfg.vision.heads),
-                                ("text.transformer.layers.", "transformer.resblocks.",
-                                 cfg.text.heads)):
+def _import(sd: dict, cfg: ModelConfig, top: dict, towers: tuple, block: dict, read_qkv,
+            source: str, transposed: frozenset | set = frozenset()) -> dict[str, torch.Tensor]:
+    """Peer state dict -> canonical. ``read_qkv(sd, block_prefix, suffix)`` returns the
+    peer's Q, K, V stacked as ``[q; k; v]``."""
+    out = {ours: _take(sd, theirs, source) for ours, theirs in top.items()}
+    for ours in transposed:
+        out[ours] = out[ours].t()
+    for ours, theirs, tower in towers:
+        heads = getattr(cfg, tower).heads
         for i in range(_blocks(sd, theirs)):
             a, b = f"{ours}{i}.", f"{theirs}{i}."
-            for o, t in _OC_BLOCK.items():
-                for suffix in ("weight", "bias"):
-                    out[f"{a}{o}.{suffix}"] = _take(sd, f"{b}{t}.{suffix}", src)
-            out[f"{a}self_attention.linear_qkv.weight"] = qkv_stacked_to_megatron(
-                _take(sd, f"{b}attn.in_proj_weight", src), heads)
-            out[f"{a}self_attention.linear_qkv.bias"] = qkv_stacked_to_megatron(
-                _take(sd, f"{b}attn.in_proj_bias", src), heads)
+            for suffix in ("weight", "bias"):
+                for o, t in block.items():
+                    out[f"{a}{o}.{suffix}"] = _take(sd, f"{b}{t}.{suffix}", source)
+                out[f"{a}{_QKV}.{suffix}"] = qkv_stacked_to_megatron(
+                    read_qkv(sd, b, suffix), heads)
     return {k: v.detach().clone().float() for k, v in out.items()}
+
+
+def _export(full: dict, cfg: ModelConfig, top: dict, towers: tuple, block: dict, write_qkv,
+            transposed: frozenset | set = frozenset()) -> dict[str, torch.Tensor]:
+    """Canonical -> peer state dict; ``write_qkv(out, block_prefix, suffix, stacked)``."""
+    out = {theirs: full[ours].t() if ours in transposed else full[ours]
+           for ours, theirs in top.items()}
+    for ours, theirs, tower in towers:
+        t_cfg = getattr(cfg, tower)
+        for i in range(t_cfg.layers):
+            a, b = f"{ours}{i}.", f"{theirs}{i}."
+            for suffix in ("weight", "bias"):
+                for o, t in block.items():
+                    out[f"{b}{t}.{suffix}"] = full[f"{a}{o}.{suffix}"]
+                write_qkv(out, b, suffix,
+                          qkv_megatron_to_stacked(full[f"{a}{_QKV}.{suffix}"], t_cfg.heads))
+    return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
+
+def _oc_read_qkv(sd, b, suffix):
+    return _take(sd, f"{b}attn.in_proj_{suffix}", "open_clip")
+
+
+def _oc_write_qkv(out, b, suffix, stacked):
+    out[f"{b}attn.in_proj_{suffix}"] = stacked
+
+
+def _hf_read_qkv(sd, b, suffix):
+    return torch.cat([_take(sd, f"{b}self_attn.{n}_proj.{suffix}", "Hugging Face CLIPModel")
+                      for n in "qkv"], dim=0)
+
+
+def _hf_write_qkv(out, b, suffix, stacked):
+    for n, t in zip("qkv", stacked.chunk(3, dim=0)):
+        out[f"{b}self_attn.{n}_proj.{suffix}"] = t
+
+
+def from_open_clip(sd: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    transposed = set(_OC_TRANSPOSED)
+    if "text_projection.weight" in sd:  # open_clip with an nn.Linear text projection
+        sd = dict(sd, text_projection=sd["text_projection.weight"])
+        transposed.discard("text.proj.weight")
+    return _import(sd, cfg, _OC_TOP, _OC_TOWERS, _OC_BLOCK, _oc_read_qkv, "open_clip",
+                   transposed)
 
 
 def to_open_clip(full: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    out = {
-        "visual.conv1.weight": full["visual.conv1.weight"],
-        "visual.class_embedding": full["visual.class_embedding"],
-        "visual.positional_embedding": full["visual.positional_embedding"],
-        "visual.ln_pre.weight": full["visual.ln_pre.weight"],
-        "visual.ln_pre.bias": full["visual.ln_pre.bias"],
-        "visual.ln_post.weight": full["visual.ln_post.weight"],
-        "visual.ln_post.bias": full["visual.ln_post.bias"],
-        "visual.proj": full["visual.proj.weight"].t(),
-        "token_embedding.weight": full["text.token_embedding.weight"],
-        "positional_embedding": full["text.positional_embedding"],
-        "ln_final.weight": full["text.ln_final.weight"],
-        "ln_final.bias": full["text.ln_final.bias"],
-        "text_projection": full["text.proj.weight"].t(),
-        "logit_scale": full["logit_scale"],
-    }
-    for ours, theirs, tower in (("visual.transformer.layers.", "visual.transformer.resblocks.",
-                                 cfg.vision), ("text.transformer.layers.",
-                                               "transformer.resblocks.", cfg.text)):
-        for i in range(tower.layers):
-            a, b = f"{ours}{i}.", f"{theirs}{i}."
-            for o, t in _OC_BLOCK.items():
-                for suffix in ("weight", "bias"):
-                    out[f"{b}{t}.{suffix}"] = full[f"{a}{o}.{suffix}"]
-            out[f"{b}attn.in_proj_weight"] = qkv_megatron_to_stacked(
-                full[f"{a}self_attention.linear_qkv.weight"], tower.heads)
-            out[f"{b}attn.in_proj_bias"] = qkv_megatron_to_stacked(
-                full[f"{a}self_attention.linear_qkv.bias"], tower.heads)
-    return {k: v.detach().clone().contiguous() for k, v in out.items()}
+    return _export(full, cfg, _OC_TOP, _OC_TOWERS, _OC_BLOCK, _oc_write_qkv, _OC_TRANSPOSED)
 
 
 def from_hf(sd: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    src = "Hugging Face CLIPModel"
     sd = {k.removeprefix("model."): v for k, v in sd.items()}
-    out = {
-        "visual.conv1.weight": _take(sd, "vision_model.embeddings.patch_embedding.weight", src),
-        "visual.class_embedding": _take(sd, "vision_model.embeddings.class_embedding", src),
-        "visual.positional_embedding": _take(
-            sd, "vision_model.embeddings.position_embedding.weight", src),
-        "visual.ln_pre.weight": _take(sd, "vision_model.pre_layrnorm.weight", src),
-        "visual.ln_pre.bias": _take(sd, "vision_model.pre_layrnorm.bias", src),
-        "visual.ln_post.weight": _take(sd, "vision_model.post_layernorm.weight", src),
-        "visual.ln_post.bias": _take(sd, "vision_model.post_layernorm.bias", src),
-        "visual.proj.weight": _take(sd, "visual_projection.weight", src),
-        "text.token_embedding.weight": _take(
-            sd, "text_model.embeddings.token_embedding.weight", src),
-        "text.positional_embedding": _take(
-            sd, "text_model.embeddings.position_embedding.weight", src),
-        "text.ln_final.weight": _take(sd, "text_model.final_layer_norm.weight", src),
-        "text.ln_final.bias": _take(sd, "text_model.final_layer_norm.bias", src),
-        "text.proj.weight": _take(sd, "text_projection.weight", src),
-        "logit_scale": _take(sd, "logit_scale", src),
-    }
-    for ours, theirs, heads in (("visual.transformer.layers.", "vision_model.encoder.layers.",
-                                 cfg.vision.heads),
-                                ("text.transformer.layers.", "text_model.encoder.layers.",
-                                 cfg.text.heads)):
-        for i in range(_blocks(sd, theirs)):
-            a, b = f"{ours}{i}.", f"{theirs}{i}."
-            for o, t in _HF_BLOCK.items():
-                for suffix in ("weight", "bias"):
-                    out[f"{a}{o}.{suffix}"] = _take(sd, f"{b}{t}.{suffix}", src)
-            for suffix in ("weight", "bias"):
-                qkv = torch.cat([_take(sd, f"{b}self_attn.{n}_proj.{suffix}", src)
-                                 for n in "qkv"], dim=0)
-                out[f"{a}self_attention.linear_qkv.{suffix}"] = qkv_stacked_to_megatron(qkv, heads)
-    return {k: v.detach().clone().float() for k, v in out.items()}
+    return _import(sd, cfg, _HF_TOP, _HF_TOWERS, _HF_BLOCK, _hf_read_qkv,
+                   "Hugging Face CLIPModel")
 
 
 def to_hf(full: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    out = {
-        "vision_model.embeddings.patch_embedding.weight": full["visual.conv1.weight"],
-        "vision_model.embeddings.class_embedding": full["visual.class_embedding"],
-        "vision_model.embeddings.position_embedding.weight": full["visual.positional_embedding"],
-        "vision_model.pre_layrnorm.weight": full["visual.ln_pre.weight"],
-        "vision_model.pre_layrnorm.bias": full["visual.ln_pre.bias"],
-        "vision_model.post_layernorm.weight": full["visual.ln_post.weight"],
-        "vision_model.post_layernorm.bias": full["visual.ln_post.bias"],
-        "visual_projection.weight": full["visual.proj.weight"],
-        "text_model.embeddings.token_embedding.weight": full["text.token_embedding.weight"],
-        "text_model.embeddings.position_embedding.weight": full["text.positional_embedding"],
-        "text_model.final_layer_norm.weight": full["text.ln_final.weight"],
-        "text_model.final_layer_norm.bias": full["text.ln_final.bias"],
-        "text_projection.weight": full["text.proj.weight"],
-        "logit_scale": full["logit_scale"],
-    }
-    for ours, theirs, tower in (("visual.transformer.layers.", "vision_model.encoder.layers.",
-                                 cfg.vision), ("text.transformer.layers.",
-                                               "text_model.encoder.layers.", cfg.text)):
-        for i in range(tower.layers):
-            a, b = f"{ours}{i}.", f"{theirs}{i}."
-            for o, t in _HF_BLOCK.items():
-                for suffix in ("weight", "bias"):
-                    out[f"{b}{t}.{suffix}"] = full[f"{a}{o}.{suffix}"]
-            for suffix in ("weight", "bias"):
-                q, k, v = qkv_megatron_to_stacked(
-                    full[f"{a}self_attention.linear_qkv.{suffix}"], tower.heads).chunk(3, dim=0)
-                for n, t in zip("qkv", (q, k, v)):
-                    out[f"{b}self_attn.{n}_proj.{suffix}"] = t
-    return {k: v.detach().clone().contiguous() for k, v in out.items()}
+    return _export(full, cfg, _HF_TOP, _HF_TOWERS, _HF_BLOCK, _hf_write_qkv)
 
 
 # --------------------------------------------------------------------------- configs
