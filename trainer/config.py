@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from trainer.data.config import DataConfig, DataConfigError
+from trainer.moe.config import MoEConfig, MoEConfigError
 from trainer.models.presets import MODEL_PRESETS
 
 
@@ -37,6 +38,7 @@ class TowerConfig:
     mlp_ratio: float = 4.0
     act: str = "gelu"      # gelu | quick_gelu (OpenAI's checkpoints)
     ln_eps: float = 1e-5
+    moe: MoEConfig = field(default_factory=MoEConfig)  # num_experts=0: dense MLPs
 
     def validate(self, key: str) -> None:
         for name in ("width", "layers", "heads"):
@@ -145,12 +147,17 @@ class TrainConfig:
 class CheckpointConfig:
     load: str = ""      # a checkpoint directory (its manifest.json) to start from
     save_dir: str = ""  # where step checkpoints go; empty: no saving
+    # A DENSE checkpoint to upcycle into this config's MoE model at start (trainer/moe/upcycle.py)
+    upcycle_from: str = ""
 
     def validate(self, key: str) -> None:
-        if self.load:
-            path = Path(self.load)
-            if not (path / "manifest.json").is_file() and not (path / "latest").is_file():
-                raise ConfigError(f"{key}.load={self.load!r}: no checkpoint there "
+        if self.load and self.upcycle_from:
+            raise ConfigError(f"{key}.load and {key}.upcycle_from are both set; pick one")
+        for name in ("load", "upcycle_from"):
+            value = getattr(self, name)
+            path = Path(value)
+            if value and not (path / "manifest.json").is_file() and not (path / "latest").is_file():
+                raise ConfigError(f"{key}.{name}={value!r}: no checkpoint there "
                                   f"(neither {path / 'manifest.json'} nor {path / 'latest'})")
 
 
@@ -176,6 +183,10 @@ class Config:
         self.parallel.validate("parallel")
         self.train.validate("train")
         self.checkpoint.validate("checkpoint")
+        if self.checkpoint.upcycle_from and not (self.model.vision.moe.enabled
+                                                 or self.model.text.moe.enabled):
+            raise ConfigError("checkpoint.upcycle_from is set but no tower has "
+                              "model.*.moe.num_experts > 0")
         vision, text, tp, pp = self.model.vision, self.model.text, self.parallel.tp, self.parallel.pp
         last = self.parallel.vision_layers_last_stage
         if pp > 1:
@@ -187,6 +198,11 @@ class Config:
         for key, tower in (("model.vision", vision), ("model.text", text)):
             if tower.heads % tp:
                 raise ConfigError(f"{key}.heads={tower.heads} is not divisible by parallel.tp={tp}")
+            try:
+                tower.moe.validate(f"{key}.moe", tower.layers, key.split(".")[1],
+                                   self.parallel.ep)
+            except MoEConfigError as e:
+                raise ConfigError(str(e)) from None
 
 
 def _positive(obj: Any, key: str, name: str) -> None:

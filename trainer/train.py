@@ -39,6 +39,24 @@ def synthetic_microbatches(cfg: Config, layout: ParallelLayout, step: int) -> li
     return out
 
 
+def moe_summary(model) -> str:
+    """' moe: dropped X% load_balance Y' over this rank's MoE layers since the last call."""
+    from trainer.moe.layer import MoEMLP
+
+    wanted = kept = lb = calls = 0.0
+    for m in model.modules():
+        if isinstance(m, MoEMLP):
+            st = m.pop_stats()
+            if st:
+                wanted += float(st["routes_wanted"])
+                kept += float(st["routes_kept"])
+                lb += float(st["aux_load_balance"])
+                calls += float(st["calls"])
+    if not calls:
+        return ""
+    return f" moe: dropped {100 * (1 - kept / max(wanted, 1)):.1f}% load_balance {lb / calls:.3f}"
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m trainer.train",
                                 description="Train (or upcycle) a CLIP model.")
@@ -72,7 +90,11 @@ def run(cfg: Config, launch, layout: ParallelLayout) -> dict:
         run_dir = Path(cfg.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
-    model = S.build_model(cfg, layout)
+    if cfg.checkpoint.upcycle_from:
+        from trainer.moe.upcycle import upcycle_model
+        model = upcycle_model(cfg.checkpoint.upcycle_from, cfg, layout)
+    else:
+        model = S.build_model(cfg, layout)
     if rank0:
         n = sum(p.numel() for p in model.parameters())
         log.info("built CLIP stage %d/%d: %.2fM params on this rank", layout.pp_rank + 1,
@@ -98,8 +120,8 @@ def run(cfg: Config, launch, layout: ParallelLayout) -> dict:
         if reporter:
             history.append(loss)
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                log.info("step %d/%d loss %.4f grad_norm %.3f %.2fs", step, cfg.train.steps,
-                         loss, norm, time.time() - ts)
+                log.info("step %d/%d loss %.4f grad_norm %.3f %.2fs%s", step, cfg.train.steps,
+                         loss, norm, time.time() - ts, moe_summary(model))
     if cfg.checkpoint.save_dir:
         checkpoint.save_checkpoint(cfg.checkpoint.save_dir, cfg.train.steps, model,
                                    config_to_dict(cfg), layout)

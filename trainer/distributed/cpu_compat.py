@@ -129,7 +129,9 @@ def patch_deepspeed() -> None:
     we talk gloo through torch.distributed and never need it."""
     if not needed():
         return
-    import deepspeed.comm.torch as ds_torch
+    import importlib
 
-    if hasattr(ds_torch, "build_shm_op"):
-        ds_torch.build_shm_op = lambda *a, **k: None
+    # Not ``import deepspeed.comm.torch as m``: that resolves the attribute ``torch`` of
+    # deepspeed.comm, which is the torch package its star-imports leak.
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    ds_torch.build_shm_op = lambda *a, **k: None

@@ -23,7 +23,7 @@ from megatron.core.transformer.transformer_block import (TransformerBlock,
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from trainer.config import ModelConfig, ParallelConfig, TextConfig, VisionConfig
-from trainer.models.layer_spec import ACTIVATIONS, clip_layer_spec
+from trainer.models.layer_spec import ACTIVATIONS, tower_layer_specs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -65,9 +65,10 @@ class VisionTower(MegatronModule):
             self.positional_embedding = torch.nn.Parameter(
                 torch.randn(cfg.seq_length, d) * d ** -0.5)
             self.ln_pre = torch.nn.LayerNorm(d, eps=cfg.ln_eps)
+        first, count = _stage_layers(tcfg)
         self.transformer = TransformerBlock(
-            tcfg, TransformerBlockSubmodules(layer_specs=[clip_layer_spec(causal=False)]
-                                             * _local_layers(tcfg)),
+            tcfg, TransformerBlockSubmodules(
+                layer_specs=tower_layer_specs(cfg, causal=False, first=first, count=count)),
             post_layer_norm=False, pre_process=pre_process, post_process=post_process)
         if post_process:
             self.ln_post = torch.nn.LayerNorm(d, eps=cfg.ln_eps)
@@ -98,24 +99,30 @@ class TextTower(MegatronModule):
         self.token_embedding = torch.nn.Embedding(cfg.vocab_size, d)
         self.positional_embedding = torch.nn.Parameter(torch.randn(cfg.context_length, d) * 0.01)
         self.transformer = TransformerBlock(
-            tcfg, TransformerBlockSubmodules(layer_specs=[clip_layer_spec(causal=True)]
-                                             * cfg.layers),
+            tcfg, TransformerBlockSubmodules(
+                layer_specs=tower_layer_specs(cfg, causal=True, first=0, count=cfg.layers)),
             post_layer_norm=False, pre_process=True, post_process=True)
         self.ln_final = torch.nn.LayerNorm(d, eps=cfg.ln_eps)
         self.proj = torch.nn.Linear(d, embed_dim, bias=False)
         torch.nn.init.normal_(self.token_embedding.weight, std=0.02)
 
     def forward(self, text: torch.Tensor) -> torch.Tensor:
-        x = self.token_embedding(text) + self.positional_embedding  # [b, l, d]
-        x = self.transformer(hidden_states=x.transpose(0, 1).contiguous(), attention_mask=None)
-        x = self.ln_final(x.transpose(0, 1))                        # [b, l, d]
         eot = (text == self.eot_id).int().argmax(dim=-1)            # first end-of-text
+        # Tokens after the first end-of-text never reach the pooled state (causal attention);
+        # MoE layers leave them out of routing and its statistics.
+        real = torch.arange(text.shape[1], device=text.device) <= eot[:, None]  # [b, l]
+        x = self.token_embedding(text) + self.positional_embedding  # [b, l, d]
+        x = self.transformer(hidden_states=x.transpose(0, 1).contiguous(), attention_mask=None,
+                             padding_mask=real)
+        x = self.ln_final(x.transpose(0, 1))                        # [b, l, d]
         return self.proj(x[torch.arange(x.shape[0], device=x.device), eot])  # [b, e]
 
 
-def _local_layers(tcfg: TransformerConfig) -> int:
+def _stage_layers(tcfg: TransformerConfig) -> tuple[int, int]:
+    """(first global block index, number of blocks) of this pipeline stage."""
     from megatron.core.transformer.transformer_block import get_num_layers_to_build
-    return get_num_layers_to_build(tcfg)
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+    return get_transformer_layer_offset(tcfg), get_num_layers_to_build(tcfg)
 
 
 class CLIP(MegatronModule):

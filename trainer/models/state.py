@@ -4,7 +4,8 @@ The canonical names are the model's own ``state_dict()`` keys at tp=1, pp=1: vis
 ``i`` is ``visual.transformer.layers.{i}`` whatever stage holds it. Megatron's parallel linear
 layers tag their weights with ``tensor_model_parallel`` / ``partition_dim``; shards are
 concatenated along that dim in TP-rank order (the fused QKV layout is per head, so whole
-heads land on each rank and concatenation restores the tp=1 layout).
+heads land on each rank and concatenation restores the tp=1 layout). MoE expert weights
+(``expert_parallel``) are concatenated along the expert dim in EP-rank order.
 
 These are for conversion, export and tests (gathers to every rank, on CPU). Training
 checkpoints go through megatron-core dist_checkpointing instead (trainer/checkpoint.py).
@@ -37,6 +38,11 @@ def _is_tp_sharded(p: torch.Tensor, layout: ParallelLayout) -> bool:
     return layout.tp > 1 and getattr(p, "tensor_model_parallel", False)
 
 
+def _is_ep_sharded(p: torch.Tensor, layout: ParallelLayout) -> bool:
+    """MoE expert weights: this rank holds experts [ep_rank * E_local, ...) along dim 0."""
+    return layout.ep > 1 and getattr(p, "expert_parallel", False)
+
+
 def full_state_dict(model: torch.nn.Module, layout: ParallelLayout,
                     grads: bool = False) -> dict[str, torch.Tensor]:
     """Every parameter (or its ``.grad``) unsharded, on every rank, as CPU tensors."""
@@ -51,6 +57,11 @@ def full_state_dict(model: torch.nn.Module, layout: ParallelLayout,
             parts = [torch.empty_like(t) for _ in range(layout.tp)]
             dist.all_gather(parts, t.contiguous(), group=layout.tp_group())
             t = torch.cat(parts, dim=p.partition_dim)
+        elif _is_ep_sharded(p, layout):
+            from megatron.core import parallel_state as ps
+            parts = [torch.empty_like(t) for _ in range(layout.ep)]
+            dist.all_gather(parts, t.contiguous(), group=ps.get_expert_model_parallel_group())
+            t = torch.cat(parts)
         local[names[name]] = t.cpu()
     if layout.pp == 1:
         return local
@@ -74,6 +85,9 @@ def load_full_state_dict(model: torch.nn.Module, full: dict[str, torch.Tensor],
             src = full[names[name]]
             if _is_tp_sharded(p, layout):
                 src = src.chunk(layout.tp, dim=p.partition_dim)[layout.tp_rank]
+            elif _is_ep_sharded(p, layout):
+                from megatron.core import parallel_state as ps
+                src = src.chunk(layout.ep)[ps.get_expert_model_parallel_rank()]
             if tuple(src.shape) != tuple(p.shape):
                 raise ValueError(f"{names[name]}: checkpoint shape {tuple(src.shape)} != "
                                  f"model shape {tuple(p.shape)}")

@@ -1,0 +1,170 @@
+"""Run under torchrun (4 ranks, gloo): upcycled MoE CLIP across expert/tensor-parallel layouts.
+
+    torchrun --nproc_per_node=4 tests/distributed/check_moe.py WORKDIR
+
+One dense CLIP (saved as a checkpoint) is upcycled at each layout; every rank writes
+``result_rank{r}.json`` with the measured differences (tests/distributed/test_moe.py states
+and checks the tolerances):
+- function preservation: MoE embeddings vs the dense model's, top-1 and top-2, EP=1/2/4 and
+  TP=2 x EP=2;
+- EP=2 / EP=4 / dropless vs EP=1: loss and every gradient (the global batch split over DP
+  ranks as microbatches, so each rank routes different tokens);
+- DeepSpeed's expert groups are megatron's;
+- a checkpoint saved at TP=2 x EP=2 reloads at TP=1 x EP=1 and EP=4 bit-exact.
+"""
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import peers  # noqa: E402
+from trainer import checkpoint, step as S  # noqa: E402
+from trainer.config import config_to_dict, load_config  # noqa: E402
+from trainer.distributed import ParallelLayout, init_distributed, read_launch_env  # noqa: E402
+from trainer.models.state import full_state_dict  # noqa: E402
+from trainer.moe.upcycle import upcycle_model  # noqa: E402
+
+SLICES = 4  # the global batch: 4 slices of 4 samples, spread over the DP ranks
+
+
+def config(tp=1, ep=1, top_k=2, dispatch="capacity", aux=True, moe=True):
+    over = ["model.text.vocab_size=1000", f"parallel.tp={tp}", f"parallel.ep={ep}"]
+    if moe:
+        for tower in ("vision", "text"):
+            m = f"model.{tower}.moe."
+            over += [m + "num_experts=4", m + "every=2", m + "router_init=normal",
+                     m + "router_init_std=0.5", m + f"top_k={top_k}", m + f"dispatch={dispatch}",
+                     m + "capacity_factor=4.0", m + "eval_capacity_factor=4.0",
+                     m + f"aux.load_balance={0.01 if aux else 0}",
+                     m + f"aux.z_loss={0.001 if aux else 0}"]
+    return load_config(None, over)
+
+
+def layout_for(cfg, world):
+    return ParallelLayout(world, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep).initialize(
+        seed=cfg.train.seed)
+
+
+def max_abs(a, b):
+    return float((a - b).abs().max())
+
+
+def embeddings(model, images, text):
+    model.eval()
+    with torch.no_grad():
+        out = model.encode_image(images), model.encode_text(text)
+    model.train()
+    return out
+
+
+def loss_and_grads(cfg, layout, model, slices):
+    mine = [s for i, s in enumerate(slices) if i % layout.dp == layout.dp_rank]
+    model.zero_grad(set_to_none=True)
+    loss = S.forward_backward(model, mine, cfg)
+    S.allreduce_grads(model, layout)
+    t = torch.tensor([loss])
+    torch.distributed.all_reduce(t, group=layout.dp_group())
+    return float(t) / layout.dp, full_state_dict(model, layout, grads=True)
+
+
+def grad_rel(grads, ref):
+    worst, missing = 0.0, sorted(set(ref) ^ set(grads))
+    for k, g in ref.items():
+        if k in grads:
+            worst = max(worst, float((grads[k] - g).norm() / g.norm().clamp_min(1e-12)))
+    return worst, missing
+
+
+def groups_match(model) -> bool:
+    from deepspeed.utils import groups
+    from megatron.core import parallel_state as ps
+
+    import torch.distributed as dist
+    ep, edp = ps.get_expert_model_parallel_group(), ps.get_expert_data_parallel_group()
+    name = f"ep_size_{dist.get_world_size(ep)}"
+    ok = (groups._get_expert_parallel_group(name) is ep
+          and groups._get_expert_data_parallel_group(name) is edp
+          and groups._get_expert_parallel_group_ranks(name) == dist.get_process_group_ranks(ep)
+          and groups._get_expert_data_parallel_group_ranks(name)
+          == dist.get_process_group_ranks(edp))
+    layers = [m for m in model.modules() if type(m).__name__ == "MoEMLP"]
+    return ok and bool(layers) and all(m.deepspeed_moe.ep_group is ep for m in layers)
+
+
+def main():
+    workdir = Path(sys.argv[1])
+    launch = read_launch_env()
+    init_distributed(launch)
+    world, rank = launch.world_size, launch.rank
+    images, text = peers.sample_inputs(n=4 * SLICES, seed=3)
+    slices = [{"images": images[i::SLICES], "text": text[i::SLICES], "size": 4}
+              for i in range(SLICES)]
+    out = {}
+
+    # the dense source, saved once
+    dense_cfg = config(moe=False)
+    layout = layout_for(dense_cfg, world)
+    dense = S.build_model(dense_cfg, layout)
+    dense_img, dense_txt = embeddings(dense, images, text)
+    checkpoint.save_checkpoint(workdir / "dense", 1, dense, config_to_dict(dense_cfg), layout)
+    dense_ckpt = str(workdir / "dense")
+
+    refs = {}
+    cases = [("ep1_top2", dict(ep=1)), ("ep2_top2", dict(ep=2)), ("ep4_top2", dict(ep=4)),
+             ("ep1_top1", dict(ep=1, top_k=1)), ("ep2_top1", dict(ep=2, top_k=1)),
+             ("ep2_dropless", dict(ep=2, dispatch="dropless")),
+             ("ep1_noaux", dict(ep=1, aux=False)), ("tp2ep2_top2", dict(tp=2, ep=2, aux=False)),
+             ("ep1_top1_noaux", dict(ep=1, top_k=1, aux=False)),
+             ("tp2ep2_top1", dict(tp=2, ep=2, top_k=1, aux=False))]
+    # At TP > 1 each TP rank routes half of the tokens and computes the aux losses on its half,
+    # so aux is off there. Without aux, top-2 router gradients at step 0 are rounding noise
+    # (identical experts: the two weights sum to 1), so they are compared in absolute terms;
+    # top-1's straight-through weight gives the router a real gradient, compared relatively.
+    reference = {"ep2_top2": "ep1_top2", "ep4_top2": "ep1_top2", "ep2_top1": "ep1_top1",
+                 "ep2_dropless": "ep1_top2", "tp2ep2_top2": "ep1_noaux",
+                 "tp2ep2_top1": "ep1_top1_noaux"}
+    for name, kw in cases:
+        cfg = config(**kw)
+        layout = layout_for(cfg, world)
+        model = upcycle_model(dense_ckpt, cfg, layout)
+        img, txt = embeddings(model, images, text)
+        out[f"{name}_preserve"] = max(max_abs(img, dense_img), max_abs(txt, dense_txt))
+        out[f"{name}_groups"] = groups_match(model)
+        loss, grads = loss_and_grads(cfg, layout, model, slices)
+        refs[name] = (loss, grads)
+        if name in reference:
+            ref_loss, ref_grads = refs[reference[name]]
+            out[f"{name}_loss_rel"] = abs(loss - ref_loss) / abs(ref_loss)
+            noise = (lambda k: False) if name != "tp2ep2_top2" else (lambda k: "gate.wg" in k)
+            out[f"{name}_grad_rel"], out[f"{name}_grad_keys"] = grad_rel(
+                {k: v for k, v in grads.items() if not noise(k)},
+                {k: v for k, v in ref_grads.items() if not noise(k)})
+            out[f"{name}_router_grad_abs"] = max(
+                [max_abs(grads[k], ref_grads[k]) for k in ref_grads if noise(k)], default=0.0)
+        if name == "tp2ep2_top2":
+            saved_weights = full_state_dict(model, layout)
+            checkpoint.save_checkpoint(workdir / "moe_tp2ep2", 1, model, config_to_dict(cfg),
+                                       layout)
+        del model
+    out["ref_loss"] = refs["ep1_top2"][0]
+
+    # reshard: TP=2 x EP=2 -> TP=1 x EP=1 and EP=4
+    for name, kw in (("ckpt_to_ep1", dict(ep=1, aux=False)), ("ckpt_to_ep4", dict(ep=4, aux=False))):
+        cfg = config(**kw)
+        layout = layout_for(cfg, world)
+        model = S.build_model(cfg, layout)
+        checkpoint.load_model(workdir / "moe_tp2ep2", model, layout)
+        weights = full_state_dict(model, layout)
+        out[name] = max(max_abs(weights[k], v) for k, v in saved_weights.items())
+        out[f"{name}_keys"] = sorted(set(weights) ^ set(saved_weights))
+    (workdir / f"result_rank{rank}.json").write_text(json.dumps(out, indent=1))
+    ParallelLayout.destroy()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

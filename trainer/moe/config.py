@@ -1,0 +1,112 @@
+"""MoE configuration of one tower (``model.vision.moe`` / ``model.text.moe``); no torch import.
+
+Which layers are MoE: ``every=k`` makes blocks k-1, 2k-1, ... MoE (``every=2``: every other
+block, ending at the last one when the depth is even, as in V-MoE / CLIP-UP), ``last=n`` the
+last n blocks, ``layers=[...]`` an explicit list of 0-based block indices. Exactly one of them
+is set when ``num_experts > 0``; ``num_experts = 0`` leaves the tower dense.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+class MoEConfigError(ValueError):
+    pass
+
+
+NOISY_GATES = ("none", "jitter", "rsample")
+ROUTER_INITS = ("zeros", "normal")
+DISPATCHES = ("capacity", "dropless")
+ROUTINGS = ("token", "image")
+IMAGE_ROUTER_INPUTS = ("cls", "mean")
+
+
+@dataclass
+class AuxLossConfig:
+    """Router auxiliary loss weights (0 turns a loss off)."""
+    load_balance: float = 0.01    # GShard/Switch: E * sum_e f_e * P_e (1.0 when balanced)
+    z_loss: float = 0.0           # ST-MoE: mean over tokens of logsumexp(logits)^2
+    entropy_local: float = 0.0    # LIMoE: mean per-token routing entropy (sharp choices)
+    entropy_global: float = 0.0   # LIMoE: max(0, threshold - entropy of the mean routing)
+    entropy_global_threshold: float = -1.0  # < 0: log(num_experts), i.e. always active
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 0          # 0: dense tower
+    every: int = 0                # MoE at blocks k-1, 2k-1, ...
+    last: int = 0                 # MoE at the last n blocks
+    layers: list[int] = field(default_factory=list)  # explicit 0-based block indices
+    top_k: int = 2                # 1 or 2
+    capacity_factor: float = 2.0  # training; capacity = ceil(tokens / E * factor * top_k)
+    eval_capacity_factor: float = 2.0
+    min_capacity: int = 4
+    drop_tokens: bool = True      # capacity mode only; False: capacity = the busiest expert's load
+    dispatch: str = "capacity"    # capacity (DeepSpeed buffers + all-to-all) | dropless (ragged)
+    noisy_gate: str = "none"      # none | jitter (multiplicative, on inputs) | rsample (Gumbel)
+    router_init: str = "zeros"    # zeros (uniform routing at step 0) | normal
+    router_init_std: float = 0.02
+    routing: str = "token"        # token | image (Mobile V-MoE: one decision per image)
+    image_router_input: str = "cls"  # image routing reads the class token or the mean token
+    aux: AuxLossConfig = field(default_factory=AuxLossConfig)
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_experts > 0
+
+    def moe_layers(self, num_layers: int) -> list[int]:
+        """The 0-based block indices that are MoE in a tower of ``num_layers`` blocks."""
+        if not self.enabled:
+            return []
+        if self.every:
+            return list(range(self.every - 1, num_layers, self.every))
+        if self.last:
+            return list(range(num_layers - self.last, num_layers))
+        return sorted(self.layers)
+
+    def global_threshold(self) -> float:
+        t = self.aux.entropy_global_threshold
+        return math.log(self.num_experts) if t < 0 else t
+
+    def validate(self, key: str, num_layers: int, tower: str, ep: int) -> None:
+        def err(msg: str) -> MoEConfigError:
+            return MoEConfigError(f"{key}.{msg}")
+
+        if self.num_experts < 0:
+            raise err(f"num_experts={self.num_experts} must be >= 0")
+        if not self.enabled:
+            return
+        chosen = [n for n, v in (("every", self.every), ("last", self.last),
+                                 ("layers", self.layers)) if v]
+        if len(chosen) != 1:
+            raise err(f"num_experts={self.num_experts}: set exactly one of every, last, layers "
+                      f"(got {', '.join(chosen) or 'none'})")
+        if self.every < 0 or self.last < 0 or self.last > num_layers:
+            raise err(f"every={self.every} / last={self.last} out of range for {num_layers} "
+                      f"layers")
+        bad = [i for i in self.layers if not 0 <= i < num_layers]
+        if bad or len(set(self.layers)) != len(self.layers):
+            raise err(f"layers={self.layers}: indices must be distinct and in [0, {num_layers})")
+        if not self.moe_layers(num_layers):
+            raise err(f"every={self.every} selects no layer of {num_layers}")
+        if self.top_k not in (1, 2) or self.top_k > self.num_experts:
+            raise err(f"top_k={self.top_k}: expected 1 or 2, at most num_experts="
+                      f"{self.num_experts}")
+        if self.num_experts % ep:
+            raise err(f"num_experts={self.num_experts} is not divisible by parallel.ep={ep}")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            if getattr(self, name) <= 0:
+                raise err(f"{name}={getattr(self, name)} must be > 0")
+        if self.min_capacity < 0:
+            raise err(f"min_capacity={self.min_capacity} must be >= 0")
+        for name, allowed in (("dispatch", DISPATCHES), ("noisy_gate", NOISY_GATES),
+                              ("router_init", ROUTER_INITS), ("routing", ROUTINGS),
+                              ("image_router_input", IMAGE_ROUTER_INPUTS)):
+            if getattr(self, name) not in allowed:
+                raise err(f"{name}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
+        if self.routing == "image" and tower != "vision":
+            raise err("routing='image' is for the vision tower only")
+        for name in ("load_balance", "z_loss", "entropy_local", "entropy_global"):
+            if getattr(self.aux, name) < 0:
+                raise err(f"aux.{name}={getattr(self.aux, name)} must be >= 0")
