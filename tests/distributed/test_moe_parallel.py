@@ -3,7 +3,7 @@
 Tolerances (measured values in the issue note):
 - function preservation, MoE vs dense embeddings: <= 1e-6 max abs (the issue's bound) at
   EP=1/2/4 and TP=2 x EP=2, top-1 and top-2, capacity and dropless;
-- EP=2 / EP=4 / dropless / TP=2 x EP=2 vs EP=1: loss relative diff <= 1e-6, per-tensor
+- EP=2 / EP=4 / dropless / TP=2 x EP=2 / PP=2 x EP=2 (aux losses on both stages) vs EP=1: loss relative diff <= 1e-6, per-tensor
   gradient relative L2 error <= 1e-5 (top-2 routers without aux losses: absolute <= 1e-7,
   their true gradient is 0 at step 0);
 - DeepSpeed's EP / expert-DP groups are megatron's (identity);
@@ -37,7 +37,7 @@ def test_moe_layouts(tmp_path):
             assert r[k] is True, k
         compared = [k[:-len("_loss_rel")] for k in r if k.endswith("_loss_rel")]
         assert sorted(compared) == sorted(["ep2_top2", "ep4_top2", "ep2_top1", "ep2_dropless",
-                                           "tp2ep2_top2", "tp2ep2_top1"]), r
+                                           "tp2ep2_top2", "tp2ep2_top1", "pp2ep2_top2"]), r
         for name in compared:
             assert r[f"{name}_loss_rel"] <= 1e-6, (name, r)
             assert r[f"{name}_grad_rel"] <= 1e-5, (name, r)

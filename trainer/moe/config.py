@@ -16,7 +16,7 @@ class MoEConfigError(ValueError):
 
 
 NOISY_GATES = ("none", "jitter", "rsample")
-ROUTER_INITS = ("zeros", "normal")
+ROUTER_INITS = ("normal", "zeros")
 DISPATCHES = ("capacity", "dropless")
 ROUTINGS = ("token", "image")
 IMAGE_ROUTER_INPUTS = ("cls", "mean")
@@ -45,7 +45,10 @@ class MoEConfig:
     drop_tokens: bool = True      # capacity mode only; False: capacity = the busiest expert's load
     dispatch: str = "capacity"    # capacity (DeepSpeed buffers + all-to-all) | dropless (ragged)
     noisy_gate: str = "none"      # none | jitter (multiplicative, on inputs) | rsample (Gumbel)
-    router_init: str = "zeros"    # zeros (uniform routing at step 0) | normal
+    # normal: small random logits, so step-0 routing spreads tokens over the experts. zeros
+    # ties every probability at 1/E: top-k then sends every token to the same experts, which
+    # overflows their capacity (drops break function preservation) unless capacity is ample.
+    router_init: str = "normal"   # normal | zeros
     router_init_std: float = 0.02
     routing: str = "token"        # token | image (Mobile V-MoE: one decision per image)
     image_router_input: str = "cls"  # image routing reads the class token or the mean token
