@@ -11,7 +11,9 @@ and checks the tolerances):
   on both pipeline stages) (the global batch split over DP
   ranks as microbatches, so each rank routes different tokens);
 - DeepSpeed's expert groups are megatron's;
-- a checkpoint saved at TP=2 x EP=2 reloads at TP=1 x EP=1 and EP=4 bit-exact.
+- a checkpoint saved at TP=2 x EP=2 reloads at TP=1 x EP=1 and EP=4 bit-exact;
+- ``python -m trainer.moe.upcycle`` (its main) writes an MoE checkpoint that, reloaded at
+  another layout, still computes the dense model's embeddings.
 """
 import json
 import sys
@@ -27,12 +29,16 @@ from trainer import checkpoint, step as S  # noqa: E402
 from trainer.config import config_to_dict, load_config  # noqa: E402
 from trainer.distributed import ParallelLayout, init_distributed, read_launch_env  # noqa: E402
 from trainer.models.state import full_state_dict  # noqa: E402
-from trainer.moe.upcycle import upcycle_model  # noqa: E402
+from trainer.moe.upcycle import main as upcycle_cli, upcycle_model  # noqa: E402
 
 SLICES = 4  # the global batch: 4 slices of 4 samples, spread over the DP ranks
 
 
-def config(tp=1, ep=1, pp=1, top_k=2, dispatch="capacity", aux=True, moe=True):
+def config(**kw):
+    return load_config(None, overrides(**kw))
+
+
+def overrides(tp=1, ep=1, pp=1, top_k=2, dispatch="capacity", aux=True, moe=True):
     over = ["model.text.vocab_size=1000", f"parallel.tp={tp}", f"parallel.ep={ep}",
             f"parallel.pp={pp}"]
     if moe:
@@ -43,7 +49,7 @@ def config(tp=1, ep=1, pp=1, top_k=2, dispatch="capacity", aux=True, moe=True):
                      m + "capacity_factor=4.0", m + "eval_capacity_factor=4.0",
                      m + f"aux.load_balance={0.01 if aux else 0}",
                      m + f"aux.z_loss={0.001 if aux else 0}"]
-    return load_config(None, over)
+    return over
 
 
 def layout_for(cfg, world):
@@ -166,6 +172,16 @@ def main():
         weights = full_state_dict(model, layout)
         out[name] = max(max_abs(weights[k], v) for k, v in saved_weights.items())
         out[f"{name}_keys"] = sorted(set(weights) ^ set(saved_weights))
+
+    # the upcycle CLI at TP=2 x EP=2, reloaded at EP=1: still the dense model's function
+    out["cli_rc"] = upcycle_cli(["--dense", dense_ckpt, "--out", str(workdir / "cli_moe"),
+                                 *overrides(tp=2, ep=2, aux=False)])
+    cfg = config(ep=1, aux=False)
+    layout = layout_for(cfg, world)
+    model = S.build_model(cfg, layout)
+    checkpoint.load_model(workdir / "cli_moe", model, layout)
+    img, txt = embeddings(model, images, text)
+    out["cli_upcycle_preserve"] = max(max_abs(img, dense_img), max_abs(txt, dense_txt))
     (workdir / f"result_rank{rank}.json").write_text(json.dumps(out, indent=1))
     ParallelLayout.destroy()
     torch.distributed.destroy_process_group()
