@@ -544,3 +544,22 @@ def test_moe_config_valid():
                              "model.text.moe.num_experts=2", "model.text.moe.last=1"])
     assert cfg.model.vision.moe.moe_layers(2) == [1]
     assert cfg.model.text.moe.moe_layers(2) == [1]
+
+
+@pytest.mark.parametrize("noise", ["jitter", "rsample"])
+def test_noisy_gate_only_in_training(noise):
+    """Noise changes some training-time choices; evaluation routes by the clean argmax."""
+    from trainer.moe.config import MoEConfig
+    from trainer.moe.router import Router
+
+    torch.manual_seed(0)
+    router = Router(16, MoEConfig(num_experts=4, every=1, top_k=1, noisy_gate=noise,
+                                  router_init="normal", router_init_std=1.0))
+    x, valid = torch.randn(512, 16), torch.ones(512, dtype=torch.bool)
+    clean = (x @ router.wg.weight.t()).argmax(-1)
+    router.eval()
+    assert torch.equal(router(x, valid)[0].experts[:, 0], clean)
+    router.train()
+    noisy = router(x, valid)[0].experts[:, 0]
+    changed = int((noisy != clean).sum())
+    assert 0 < changed < 512 // 2, changed
