@@ -14,19 +14,28 @@ def grouped_gemm_reference(x: torch.Tensor, w: torch.Tensor, bounds: list[tuple[
                            bias: torch.Tensor | None = None) -> torch.Tensor:
     """x: [T, K], w: [E, K, N], bias: [E, N], bounds: [(start, rows)] per group -> [T, N]."""
     total_rows, n = x.shape[0], w.shape[-1]
-    num_experts = w.shape[0]
-    pieces, cursor = [], 0
-    for g, (start, rows) in enumerate(bounds):
-        if start > cursor:  # padding rows before this group
-            pieces.append(x.new_zeros(start - cursor, n))
-        # Empty groups still contribute a [0, N] product so w/bias get zero (not None) grads.
-        y = x[start:start + rows] @ w[g % num_experts]  # [rows, N]
-        if bias is not None:
-            y = y + bias[g % num_experts]
-        pieces.append(y)
+    # Split x, w and bias once: indexing them per group would make each group's backward
+    # build a zero tensor of the whole operand (O(E^2) weight traffic per step).
+    sizes, cursor = [], 0
+    for start, rows in bounds:
+        sizes += [start - cursor, rows]  # padding before the group, then the group
         cursor = start + rows
-    if cursor < total_rows:
-        pieces.append(x.new_zeros(total_rows - cursor, n))
+    sizes.append(total_rows - cursor)
+    parts = x.split(sizes)
+    ws = w.unbind(0)
+    bs = bias.unbind(0) if bias is not None else None
+    pieces = []
+    for g in range(len(bounds)):
+        pad, rows = parts[2 * g], parts[2 * g + 1]
+        if pad.shape[0]:
+            pieces.append(x.new_zeros(pad.shape[0], n))
+        # Empty groups still contribute a [0, N] product so w/bias get zero (not None) grads.
+        y = rows @ ws[g % len(ws)]  # [rows, N]
+        if bs is not None:
+            y = y + bs[g % len(bs)]
+        pieces.append(y)
+    if parts[-1].shape[0]:
+        pieces.append(x.new_zeros(parts[-1].shape[0], n))
     if not pieces:
         return x.new_zeros(total_rows, n)
     return torch.cat(pieces)

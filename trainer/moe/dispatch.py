@@ -21,8 +21,9 @@ from trainer.moe.router import Routing
 
 def expert_counts(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Kept routes per expert: experts [U, k] with -1 for none -> [E] long."""
-    flat = experts.reshape(-1)
-    return torch.bincount(flat[flat >= 0], minlength=num_experts)
+    flat = experts.reshape(-1) + 1                                  # 0: no expert
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat))[1:]  # no host sync
 
 
 def exchange_counts(counts: torch.Tensor, group, ep: int) -> torch.Tensor:

@@ -143,9 +143,12 @@ class Router(TopKGate):
         group). -> (Routing, logits, probs, chosen)."""
         logits = self.logits(x)
         chosen, probs = choose(logits, self.k, self.cfg.noisy_gate, self.training)
-        wanted = torch.where(valid[:, None], chosen, -1)
-        counts = torch.bincount(wanted[wanted >= 0], minlength=self.cfg.num_experts)
-        capacity = capacity_fn(counts) if capacity_fn else self.capacity(x.shape[0])
+        if capacity_fn:
+            from trainer.moe.dispatch import expert_counts
+            capacity = capacity_fn(expert_counts(torch.where(valid[:, None], chosen, -1),
+                                                 self.cfg.num_experts))
+        else:
+            capacity = self.capacity(x.shape[0])
         experts, slots = assign(chosen, valid, self.cfg.num_experts, capacity)
         routing = Routing(experts, slots, weigh(probs, experts, chosen), capacity,
                           valid.sum() * self.k)
