@@ -114,7 +114,7 @@ def global_grad_norm(model: torch.nn.Module, layout: ParallelLayout) -> float:
     device = next(model.parameters()).device
     if layout.ep > 1:
         sq_experts = sq_experts.to(device)
-        dist.all_reduce(sq_experts, group=ps.get_expert_model_parallel_group())
+        dist.all_reduce(sq_experts, group=layout.ep_group())
     # every TP rank of a stage now holds all of that stage's experts: count them once
     sq = sq + sq_experts.cpu() / layout.tp
     if layout.tp * layout.pp > 1:

@@ -97,6 +97,11 @@ class ParallelLayout:
         return ps.get_data_parallel_rank()
 
     @property
+    def ep_rank(self) -> int:
+        from megatron.core import parallel_state as ps
+        return ps.get_expert_model_parallel_rank()
+
+    @property
     def is_first_stage(self) -> bool:
         return self.pp_rank == 0
 
@@ -115,3 +120,7 @@ class ParallelLayout:
     def dp_group(self):
         from megatron.core import parallel_state as ps
         return ps.get_data_parallel_group()
+
+    def ep_group(self):
+        from megatron.core import parallel_state as ps
+        return ps.get_expert_model_parallel_group()

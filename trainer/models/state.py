@@ -58,9 +58,8 @@ def full_state_dict(model: torch.nn.Module, layout: ParallelLayout,
             dist.all_gather(parts, t.contiguous(), group=layout.tp_group())
             t = torch.cat(parts, dim=p.partition_dim)
         elif _is_ep_sharded(p, layout):
-            from megatron.core import parallel_state as ps
             parts = [torch.empty_like(t) for _ in range(layout.ep)]
-            dist.all_gather(parts, t.contiguous(), group=ps.get_expert_model_parallel_group())
+            dist.all_gather(parts, t.contiguous(), group=layout.ep_group())
             t = torch.cat(parts)
         local[names[name]] = t.cpu()
     if layout.pp == 1:
@@ -86,8 +85,7 @@ def load_full_state_dict(model: torch.nn.Module, full: dict[str, torch.Tensor],
             if _is_tp_sharded(p, layout):
                 src = src.chunk(layout.tp, dim=p.partition_dim)[layout.tp_rank]
             elif _is_ep_sharded(p, layout):
-                from megatron.core import parallel_state as ps
-                src = src.chunk(layout.ep)[ps.get_expert_model_parallel_rank()]
+                src = src.chunk(layout.ep)[layout.ep_rank]
             if tuple(src.shape) != tuple(p.shape):
                 raise ValueError(f"{names[name]}: checkpoint shape {tuple(src.shape)} != "
                                  f"model shape {tuple(p.shape)}")

@@ -26,6 +26,16 @@ def expert_counts(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
     return counts.scatter_add_(0, flat, torch.ones_like(flat))[1:]  # no host sync
 
 
+def busiest_expert(chosen: torch.Tensor, valid: torch.Tensor, num_experts: int, group,
+                   ep: int) -> int:
+    """DeepSpeed's no-drop capacity: the largest expert load over the EP group."""
+    wanted = torch.where(valid[:, None], chosen, -1)
+    top = expert_counts(wanted, num_experts).max().reshape(1)
+    if ep > 1:
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    return max(int(top), 1)
+
+
 def exchange_counts(counts: torch.Tensor, group, ep: int) -> torch.Tensor:
     """counts [E] (by destination rank, then local expert) -> [ep, E_local] received: row s is
     what rank s sends to this rank's experts."""

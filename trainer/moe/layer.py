@@ -12,8 +12,9 @@ stage with no loss plumbing.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.transformer.module import MegatronModule
@@ -22,8 +23,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import make_sharded_tensor_for_checkpoint
 
 from trainer.moe.config import MoEConfig
-from trainer.moe.dispatch import (CapacityDispatch, dropless_dispatch, expert_counts,
-                                  gather_from_tp, scatter_to_tp)
+from trainer.moe.dispatch import (CapacityDispatch, busiest_expert, dropless_dispatch,
+                                  expert_counts, gather_from_tp, scatter_to_tp)
 from trainer.moe.experts import GroupedExperts
 from trainer.moe.groups import use_megatron_groups
 from trainer.moe.router import Router, aux_losses
@@ -39,6 +40,7 @@ class MoEMLP(MegatronModule):
         self.ep = ps.get_expert_model_parallel_world_size()
         self.ep_rank = ps.get_expert_model_parallel_rank()
         self.tp = ps.get_tensor_model_parallel_world_size()
+        self.tp_rank = ps.get_tensor_model_parallel_rank()
         self.ep_group = ps.get_expert_model_parallel_group()
         self.tp_group = ps.get_tensor_model_parallel_group()
         num_local = moe.num_experts // self.ep
@@ -91,7 +93,7 @@ class MoEMLP(MegatronModule):
             valid = torch.cat([valid, valid.new_zeros(pad)])
         tokens = scatter_to_tp(tokens, self.tp_group, self.tp)
         router_in = scatter_to_tp(router_in, self.tp_group, self.tp)
-        valid = valid.chunk(self.tp)[ps.get_tensor_model_parallel_rank()] if self.tp > 1 else valid
+        valid = valid.chunk(self.tp)[self.tp_rank]
 
         routing, logits, probs, chosen = self.router(router_in, valid, self._capacity_fn())
         flat = tokens.reshape(-1, d)
@@ -102,10 +104,10 @@ class MoEMLP(MegatronModule):
             out = self.deepspeed_moe(flat, routing)
         out = gather_from_tp(out.view(-1, per_unit, d), self.tp_group, self.tp)[:units]
         out = out.transpose(0, 1) if self.cfg.routing == "image" else out.view(s, b, d)
-        out = out.reshape(s, b, d).to(hidden.dtype)
+        out = out.to(hidden.dtype)                                  # [s, b, d]
 
         losses = aux_losses(logits, probs, chosen, valid, self.cfg.global_threshold())
-        self._record(routing, probs, valid, losses)
+        self._record(routing, valid, losses)
         if torch.is_grad_enabled():
             total = sum(getattr(self.cfg.aux, n) * losses[n] for n in AUX_LOSSES)
             out = MoEAuxLossAutoScaler.apply(out, total / self.tp)
@@ -113,27 +115,21 @@ class MoEMLP(MegatronModule):
 
     def _capacity_fn(self):
         if self.cfg.dispatch == "dropless":
-            return lambda counts: None
+            return lambda chosen, valid: None
         if self.cfg.drop_tokens:
-            return None
-
-        def busiest(counts: torch.Tensor) -> int:  # DeepSpeed's no-drop rule, over the EP group
-            top = counts.max().reshape(1)
-            if self.ep > 1:
-                dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.ep_group)
-            return max(int(top), 1)
-        return busiest
+            return None  # the router's capacity-factor rule
+        return functools.partial(busiest_expert, num_experts=self.cfg.num_experts,
+                                 group=self.ep_group, ep=self.ep)
 
     # ---- statistics for logging (accumulated over microbatches until popped)
 
-    def _record(self, routing, probs, valid, losses) -> None:
+    def _record(self, routing, valid, losses) -> None:
         with torch.no_grad():
-            w = valid.float()
-            ent = -(probs * probs.clamp_min(1e-20).log()).sum(-1)
+            units = valid.sum().float()
             new = {"tokens_per_expert": expert_counts(routing.experts, self.cfg.num_experts),
                    "routes_wanted": routing.wanted.float(),
                    "routes_kept": (routing.experts >= 0).sum().float(),
-                   "entropy_sum": (ent * w).sum(), "units": w.sum(),
+                   "entropy_sum": losses["entropy_local"].detach() * units, "units": units,
                    **{f"aux_{k}": v.detach() for k, v in losses.items()}, "calls": torch.ones(())}
             for k, v in new.items():
                 self.stats[k] = self.stats[k] + v if k in self.stats else v.clone()

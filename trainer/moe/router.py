@@ -138,17 +138,13 @@ class Router(TopKGate):
         return capacity_for(units, self.cfg.num_experts, factor, self.k, self.min_capacity)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor, capacity_fn=None):
-        """x [U, d], valid [U] bool. ``capacity_fn(counts [E]) -> int | None`` decides the
-        capacity after the choice (dropless: None; no-drop: the busiest expert over the EP
-        group). -> (Routing, logits, probs, chosen)."""
+        """x [U, d], valid [U] bool. ``capacity_fn(chosen [U, k], valid) -> int | None``
+        decides the capacity after the choice (dropless: None; no-drop: the busiest expert
+        over the EP group); by default DeepSpeed's factor rule. -> (Routing, logits, probs,
+        chosen)."""
         logits = self.logits(x)
         chosen, probs = choose(logits, self.k, self.cfg.noisy_gate, self.training)
-        if capacity_fn:
-            from trainer.moe.dispatch import expert_counts
-            capacity = capacity_fn(expert_counts(torch.where(valid[:, None], chosen, -1),
-                                                 self.cfg.num_experts))
-        else:
-            capacity = self.capacity(x.shape[0])
+        capacity = capacity_fn(chosen, valid) if capacity_fn else self.capacity(x.shape[0])
         experts, slots = assign(chosen, valid, self.cfg.num_experts, capacity)
         routing = Routing(experts, slots, weigh(probs, experts, chosen), capacity,
                           valid.sum() * self.k)
