@@ -1,14 +1,35 @@
-"""Checkpoints: a directory per step, sharded weights via megatron-core dist_checkpointing.
+"""Checkpoints: a directory per step; weights and optimizer moments sharded through megatron-core
+dist_checkpointing, so a checkpoint saved at one TP/PP/EP layout loads at any other.
 
 Layout of ``<root>/step_00001200/``::
 
-    model/           torch_dist shards (ShardedTensors: any TP/PP layout loads any other)
-    manifest.json    written LAST: step, resolved config, world layout, versions, checksums
+    model/             torch_dist: every parameter as a ShardedTensor (MoE experts by global
+                       expert index, trainer/moe/layer.py)
+    optimizer/         torch_dist, only when an optimizer was saved:
+                         optimizer.state.exp_avg.<param key>     sharded like the parameter
+                         optimizer.state.exp_avg_sq.<param key>  sharded like the parameter
+                         optimizer.state.step.<param key>        shape [1]: the param's step count
+    rank_state/rank_00003.json   one per global rank, when given: that rank's RNG
+                       (trainer/distributed/rng.py) and data position
+    manifest.json      written LAST by rank 0: step, resolved config, world layout, train_state
+                       (schedule step, consumed samples...), optimizer hyperparameters, versions,
+                       and the size and sha256 of every other file
 
-A directory without a valid manifest is not a checkpoint. Saving writes into
-``step_XXXXXXXX.partial`` and renames it only after the manifest is on disk, then points
-``<root>/latest`` (a one-line text file, replaced atomically) at it, so a crash at any moment
-leaves the previous checkpoint and ``latest`` intact.
+A directory without a valid manifest is not a checkpoint. Every rank writes into
+``step_XXXXXXXX.partial`` and fsyncs what it wrote; after a barrier rank 0 writes the
+manifest, renames the directory to ``step_XXXXXXXX`` and replaces ``<root>/latest`` (a
+one-line text file) atomically. A crash at any moment leaves the previous checkpoint and
+``latest`` intact; the next save removes leftover ``*.partial`` directories first.
+``keep_last=N`` then deletes complete ``step_*`` directories older than the newest N, never
+the one ``latest`` names.
+
+Optimizer state on load (``load_checkpoint(..., optimizer=...)``): moments and step counts map
+by the parameter's sharded key, so they reshard with the weights; which param group a parameter
+sits in does not matter. Hyperparameters (lr, betas, eps, weight_decay...) are NOT restored: the
+current optimizer's groups win (they come from the config), and the caller's schedule restores
+the learning rate from ``train_state``. Saved and current group hyperparameters are compared
+by position and differences are logged. A parameter with no state in the checkpoint (it never
+had a gradient before the save) starts fresh, as it would have.
 """
 from __future__ import annotations
 
@@ -17,6 +38,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import time
 from pathlib import Path
@@ -31,6 +53,10 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 SHARDED_METADATA = {"non_homogeneous_layers": True}  # dense and MoE layers may mix
+RANK_STATE = "rank_state/rank_{rank:05d}.json"
+OPTIMIZER_PREFIX = "optimizer.state"
+_STEP_DIR = re.compile(r"step_(\d+)")
+_LEFTOVER = (".partial", ".stale")  # an interrupted save; an old copy on its way out
 
 
 class CheckpointError(RuntimeError):
@@ -49,6 +75,12 @@ def versions() -> dict:
     return out
 
 
+def layout_dict(layout: ParallelLayout) -> dict:
+    return {"world_size": layout.world_size, "tp": layout.tp, "pp": layout.pp,
+            "dp": layout.dp, "ep": layout.ep}
+
+
+# ---- files
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -57,15 +89,39 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
+def _fsync(path: Path) -> None:
+    """Flush a file (or a directory's entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durable(path: Path, text: str) -> None:
+    with open(path, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    _write_durable(tmp, text)
     os.replace(tmp, path)
+    _fsync(path.parent)
 
 
+def _remove(path: Path) -> None:
+    """Rename out of the ``step_*`` namespace first, so a crash mid-delete leaves a leftover
+    that the next save clears, never a half-deleted checkpoint."""
+    gone = path if path.name.endswith(_LEFTOVER) else path.with_name(path.name + ".stale")
+    if gone != path:
+        os.replace(path, gone)
+    shutil.rmtree(gone)
+
+
+# ---- collectives (no-ops in a plain single process)
 def _barrier():
     if dist.is_initialized():
         dist.barrier()
@@ -75,55 +131,281 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _all_gather(obj) -> list:
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _broadcast(obj):
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _raise_if_any(errors: list) -> None:
+    """Every rank raises the same error when one rank found a problem (none hangs)."""
+    bad = [(r, e) for r, e in enumerate(errors) if e]
+    if bad:
+        rank, msg = bad[0]
+        more = f" (and {len(bad) - 1} more ranks)" if len(bad) > 1 else ""
+        raise CheckpointError(f"rank {rank}: {msg}{more}")
+
+
+def _checksums(ckpt: Path, rels: list[str]) -> dict:
+    """Size and sha256 of ``rels``, hashed in parallel: rank r takes every world-th file."""
+    mine = {rel: {"bytes": (ckpt / rel).stat().st_size, "sha256": _sha256(ckpt / rel)}
+            for rel in rels[_rank()::_world()]}
+    out = {}
+    for part in _all_gather(mine):
+        out.update(part)
+    return dict(sorted(out.items()))
+
+
+# ---- optimizer state as ShardedTensors
+def _param_id_map(model_sharded: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """Optimizer param index (torch's ``state_dict`` numbering) -> the param's ShardedTensor."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.optimizer import get_param_id_to_sharded_param_map
+
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    id_map = get_param_id_to_sharded_param_map(model_sharded, params)
+    missing = [tuple(p.shape) for i, p in enumerate(params) if i not in id_map]
+    if missing:
+        raise CheckpointError(f"{len(missing)} optimizer parameters are not in the model's "
+                              f"sharded state dict (shapes {missing[:3]}): is the optimizer "
+                              f"built over this model?")
+    odd = [t.key for t in id_map.values() if not isinstance(t, ShardedTensor)]
+    if odd:
+        raise CheckpointError(f"parameters saved through a ShardedTensorFactory are not "
+                              f"supported with optimizer state: {odd[:3]}")
+    return id_map
+
+
+def _step_tensor(param, data: torch.Tensor):
+    """A param's step count as a [1] tensor keyed by the param; its main replica is the rank
+    holding the param's first shard (all shards of a param step together)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, is_main_replica
+
+    n = param.prepend_axis_num
+    main = is_main_replica(param.replica_id) and not any(param.global_offset[n:])
+    prepended = [(i, param.global_offset[i], param.global_shape[i]) for i in range(n)]
+    return ShardedTensor.from_rank_offsets(f"{OPTIMIZER_PREFIX}.step.{param.key}", data,
+                                           *prepended, replica_id=0 if main else 1,
+                                           prepend_axis_num=n)
+
+
+def _optimizer_sharded_state(model_sharded: dict, optimizer: torch.optim.Optimizer) -> dict:
+    from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
+
+    id_map = _param_id_map(model_sharded, optimizer)
+    out = {}
+    for idx, state in optimizer.state_dict()["state"].items():
+        param = id_map[idx]
+        for name, value in state.items():
+            if name == "step":
+                step = value if torch.is_tensor(value) else torch.tensor(float(value))
+                out[f"{idx}.{name}"] = _step_tensor(param, step.detach().reshape(1).clone())
+            elif torch.is_tensor(value) and tuple(value.shape) == tuple(param.local_shape):
+                out[f"{idx}.{name}"] = make_sharded_optimizer_tensor(
+                    param, value, prefix=f"{OPTIMIZER_PREFIX}.{name}")
+            else:
+                raise CheckpointError(f"optimizer state {name!r} of {param.key} is neither "
+                                      f"shaped like the parameter nor a step count")
+    return out
+
+
+def _load_optimizer(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    metadata: dict) -> None:
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
+
+    id_map = _param_id_map(model.sharded_state_dict(metadata=dict(metadata)), optimizer)
+    saved: dict[str, dict] = {}  # param key -> {state name: saved tensor's metadata}
+    for key, meta in dist_checkpointing.load_tensors_metadata(str(directory)).items():
+        name, param_key = key[len(OPTIMIZER_PREFIX) + 1:].split(".", 1)
+        saved.setdefault(param_key, {})[name] = meta
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    request, fresh = {}, 0
+    for idx, param in id_map.items():
+        fresh += param.key not in saved
+        for name, meta in saved.get(param.key, {}).items():
+            if name == "step":
+                request[f"{idx}.{name}"] = _step_tensor(param, torch.zeros(1, dtype=meta.dtype))
+            else:
+                request[f"{idx}.{name}"] = make_sharded_optimizer_tensor(
+                    param, torch.empty_like(params[idx], dtype=meta.dtype),
+                    prefix=f"{OPTIMIZER_PREFIX}.{name}")
+    loaded = dist_checkpointing.load(request, str(directory))
+    state: dict[int, dict] = {}
+    for key, value in loaded.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value.reshape(()) if name == "step" else value
+    if fresh and _rank() == 0:
+        log.info("optimizer: %d of %d parameters have no saved state on rank 0 (fresh moments)",
+                 fresh, len(id_map))
+    current = optimizer.state_dict()  # the current groups' hyperparameters win
+    optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
+
+
+def _jsonable(v):
+    if torch.is_tensor(v):
+        return v.item() if v.numel() == 1 else v.tolist()
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return v if isinstance(v, (str, int, float, bool, type(None))) else repr(v)
+
+
+def _group_hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict]:
+    return [{k: _jsonable(v) for k, v in g.items() if k != "params"} | {
+             "num_params": len(g["params"])} for g in optimizer.param_groups]
+
+
+def _log_hyperparameter_changes(saved: list[dict], optimizer: torch.optim.Optimizer) -> None:
+    """Groups pair up by their ``name`` (trainer.step.build_optimizer names them), else by
+    position; only differences are logged, nothing is changed."""
+    now = _group_hyperparameters(optimizer)
+    named = all("name" in g for g in saved + now)
+    key = (lambda i, g: g["name"]) if named else (lambda i, g: i)  # noqa: E731
+    before = {key(i, g): g for i, g in enumerate(saved)}
+    after = {key(i, g): g for i, g in enumerate(now)}
+    if set(before) != set(after):
+        log.info("optimizer groups saved %s, now %s; hyperparameters from the current optimizer",
+                 sorted(before, key=str), sorted(after, key=str))
+    for k in sorted(set(before) & set(after), key=str):
+        a, b = before[k], after[k]
+        diff = {h: (a.get(h), b.get(h)) for h in sorted(set(a) | set(b))
+                if h != "num_params" and a.get(h) != b.get(h)}
+        if diff:
+            log.info("optimizer group %s: current hyperparameters kept over saved ones: %s",
+                     k, ", ".join(f"{h} {s} -> {c}" for h, (s, c) in diff.items()))
+
+
+# ---- save
+def _check_inputs(optimizer, train_state, rank_state) -> bool:
+    """Collective: JSON problems and optimizer presence must agree on every rank before any
+    rank starts writing (a lone failing rank would leave the others in a barrier). Returns
+    whether any rank has a rank_state."""
+    error = ""
+    try:
+        json.dumps(train_state)
+        json.dumps(rank_state)
+    except (TypeError, ValueError) as e:
+        error = f"train_state / rank_state is not JSON-serialisable: {e}"
+    gathered = _all_gather((error, optimizer is not None, rank_state is not None))
+    _raise_if_any([g[0] for g in gathered])
+    if len({g[1] for g in gathered}) > 1:
+        raise CheckpointError("save_checkpoint: some ranks passed an optimizer and some did not")
+    return any(g[2] for g in gathered)
+
+
+def _prune(root: Path, keep_last: int, latest: str) -> None:
+    complete = sorted((d for d in root.iterdir() if d.is_dir() and _STEP_DIR.fullmatch(d.name)
+                       and (d / MANIFEST).is_file()), key=lambda d: int(d.name[5:]))
+    keep = {d.name for d in complete[-keep_last:]} | {latest}
+    for d in complete:
+        if d.name not in keep:
+            _remove(d)
+            log.info("removed old checkpoint %s (keep_last=%d)", d, keep_last)
+
+
 def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, config: dict,
-                    layout: ParallelLayout, extra: dict | None = None) -> Path:
-    """Collective: every rank calls it. Returns the committed checkpoint directory."""
+                    layout: ParallelLayout, extra: dict | None = None, *,
+                    optimizer: torch.optim.Optimizer | None = None,
+                    train_state: dict | None = None, rank_state: dict | None = None,
+                    keep_last: int = 0) -> Path:
+    """Collective: every rank calls it (with an optimizer on all ranks or on none). Returns
+    the committed checkpoint directory.
+
+    ``train_state``: JSON, the same on every rank (rank 0's copy goes into the manifest).
+    ``rank_state``: JSON, this rank's own (RNG, data position), one file per rank.
+    ``keep_last``: 0 keeps every checkpoint; N deletes complete ``step_*`` directories older
+    than the newest N, never the one ``latest`` names.
+    """
     from megatron.core import dist_checkpointing
 
     root = Path(root)
     final = root / f"step_{step:08d}"
     partial = root / f"step_{step:08d}.partial"
+    any_rank_state = _check_inputs(optimizer, train_state, rank_state)
+    t0 = time.time()
     if _rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
-        if partial.exists():
-            shutil.rmtree(partial)
-        (partial / "model").mkdir(parents=True)
+        for d in root.iterdir():
+            if d.is_dir() and d.name.endswith(_LEFTOVER):
+                log.info("removing %s left by an interrupted save", d)
+                shutil.rmtree(d)
+        for sub, wanted in (("model", True), ("optimizer", optimizer is not None),
+                            ("rank_state", any_rank_state)):
+            if wanted:
+                (partial / sub).mkdir(parents=True)
     _barrier()
-    t0 = time.time()
-    dist_checkpointing.save(model.sharded_state_dict(metadata=dict(SHARDED_METADATA)),
+    metadata = dict(SHARDED_METADATA)
+    dist_checkpointing.save(model.sharded_state_dict(metadata=dict(metadata)),
                             str(partial / "model"))
-    _barrier()
+    if optimizer is not None:
+        dist_checkpointing.save(_optimizer_sharded_state(
+            model.sharded_state_dict(metadata=dict(metadata)), optimizer),
+            str(partial / "optimizer"))
+    if rank_state is not None:
+        _write_durable(partial / RANK_STATE.format(rank=_rank()), json.dumps(rank_state))
+    _barrier()  # every rank's files are written and fsynced (megatron fsyncs its shards)
+    files = None
     if _rank() == 0:
-        files = sorted(p for p in partial.rglob("*") if p.is_file())
+        files = sorted(str(p.relative_to(partial)) for p in partial.rglob("*") if p.is_file())
+        for rel in files:  # common.pt and metadata.json are rank 0's own, not fsynced by megatron
+            _fsync(partial / rel)
+    files = _checksums(partial, _broadcast(files))
+    if _rank() == 0:
         manifest = {
             "format_version": FORMAT_VERSION, "step": step, "kind": "upclip",
-            "config": config,
-            "layout": {"world_size": layout.world_size, "tp": layout.tp, "pp": layout.pp,
-                       "dp": layout.dp, "ep": layout.ep},
-            "sharded_metadata": dict(SHARDED_METADATA), "versions": versions(),
+            "config": config, "layout": layout_dict(layout),
+            "sharded_metadata": metadata, "versions": versions(),
             "extra": extra or {}, "time": time.time(),
-            "files": {str(p.relative_to(partial)): {"bytes": p.stat().st_size,
-                                                    "sha256": _sha256(p)} for p in files},
+            "train_state": train_state,
+            "optimizer": None if optimizer is None else {
+                "class": type(optimizer).__name__,
+                "param_groups": _group_hyperparameters(optimizer)},
+            "rank_state": RANK_STATE if rank_state is not None else None,
+            "files": files,
         }
+        for d in {(partial / rel).parent for rel in files}:  # directory entries too
+            _fsync(d)
         _write_atomic(partial / MANIFEST, json.dumps(manifest, indent=1))
         if final.exists():  # re-saving a step: the old copy goes only once the new is complete
-            shutil.rmtree(final)
+            os.replace(final, final.with_name(final.name + ".stale"))
         os.replace(partial, final)
         _write_atomic(root / "latest", final.name + "\n")
-        log.info("saved checkpoint step %d to %s in %.1fs (%s)", step, final, time.time() - t0,
-                 layout.describe())
+        shutil.rmtree(final.with_name(final.name + ".stale"), ignore_errors=True)
+        if keep_last > 0:
+            _prune(root, keep_last, final.name)
+        log.info("saved checkpoint step %d to %s in %.1fs (%s%s)", step, final,
+                 time.time() - t0, layout.describe(), ", with optimizer" if optimizer else "")
     _barrier()
     return final
 
 
+# ---- read
 def resolve(path: str | Path) -> Path:
-    """A checkpoint directory, or a root whose ``latest`` names one."""
+    """A checkpoint directory, or a root whose ``latest`` names one; never a partial save."""
     path = Path(path)
+    if path.name.endswith(_LEFTOVER):
+        raise CheckpointError(f"{path}: an interrupted save, not a checkpoint")
     if (path / MANIFEST).is_file():
         return path
     latest = path / "latest"
     if latest.is_file():
         target = path / latest.read_text().strip()
+        if target.name.endswith(_LEFTOVER):
+            raise CheckpointError(f"{latest} points at {target}, an interrupted save")
         if (target / MANIFEST).is_file():
             return target
         raise CheckpointError(f"{latest} points at {target}, which has no {MANIFEST}")
@@ -136,35 +418,102 @@ def read_manifest(path: str | Path) -> dict:
         manifest = json.loads((ckpt / MANIFEST).read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{ckpt / MANIFEST}: not valid JSON ({e.msg})") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{ckpt / MANIFEST}: format_version "
-                              f"{manifest.get('format_version')} != {FORMAT_VERSION}")
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise CheckpointError(f"{ckpt / MANIFEST}: format_version {version} != {FORMAT_VERSION}")
+    for key in ("step", "layout", "files"):
+        if key not in manifest:
+            raise CheckpointError(f"{ckpt / MANIFEST}: no {key!r} entry")
     return manifest
 
 
+def _file_error(ckpt: Path, rel: str, info: dict) -> str:
+    p = ckpt / rel
+    if not p.is_file():
+        return f"{p}: missing (listed in the manifest)"
+    if p.stat().st_size != info["bytes"] or _sha256(p) != info["sha256"]:
+        return f"{p}: does not match its manifest checksum"
+    return ""
+
+
 def verify(path: str | Path) -> None:
-    """Check every file against the manifest's size and sha256."""
+    """Check every file against the manifest's size and sha256 (this process alone)."""
     ckpt = resolve(path)
     for rel, info in read_manifest(ckpt)["files"].items():
-        p = ckpt / rel
-        if not p.is_file() or p.stat().st_size != info["bytes"] or _sha256(p) != info["sha256"]:
-            raise CheckpointError(f"{p}: missing or does not match its manifest checksum")
+        error = _file_error(ckpt, rel, info)
+        if error:
+            raise CheckpointError(error)
 
 
-def load_model(path: str | Path, model: torch.nn.Module, layout: ParallelLayout) -> dict:
-    """Collective. Loads weights saved at any layout into ``model``; returns the manifest."""
+def _verify_collective(ckpt: Path, manifest: dict) -> None:
+    """``verify`` split over the ranks (rank r hashes every world-th file); all raise alike."""
+    items = sorted(manifest["files"].items())[_rank()::_world()]
+    error = next((e for e in (_file_error(ckpt, rel, info) for rel, info in items) if e), "")
+    _raise_if_any(_all_gather(error))
+
+
+def _load_weights(ckpt: Path, manifest: dict, model: torch.nn.Module,
+                  layout: ParallelLayout) -> None:
     from megatron.core import dist_checkpointing
 
-    ckpt = resolve(path)
-    manifest = read_manifest(ckpt)
     saved = manifest["layout"]
     log.info("loading checkpoint step %d from %s (saved at tp=%d pp=%d ep=%d; now %s)",
              manifest["step"], ckpt, saved["tp"], saved["pp"], saved.get("ep", 1),
              layout.describe())
+    _verify_collective(ckpt, manifest)
     sharded = model.sharded_state_dict(metadata=dict(manifest.get("sharded_metadata",
                                                                   SHARDED_METADATA)))
     # dist_checkpointing raises on a tensor the checkpoint lacks; strict load_state_dict
     # catches anything the model has that the sharded dict did not cover.
     state = dist_checkpointing.load(sharded, str(ckpt / "model"))
     model.load_state_dict(state, strict=True)
+
+
+def load_model(path: str | Path, model: torch.nn.Module, layout: ParallelLayout) -> dict:
+    """Collective. Loads weights saved at any layout into ``model``; returns the manifest."""
+    ckpt = resolve(path)
+    manifest = read_manifest(ckpt)
+    _load_weights(ckpt, manifest, model, layout)
     return manifest
+
+
+def _rank_state(ckpt: Path, manifest: dict, layout: ParallelLayout) -> dict | None:
+    if not manifest.get("rank_state"):
+        log.info("checkpoint %s has no per-rank state", ckpt)
+        return None
+    saved, now = manifest["layout"], layout_dict(layout)
+    if any(saved.get(k) != v for k, v in now.items()):
+        if _rank() == 0:
+            log.info("per-rank state (RNG, data position) not restored: saved at world=%s "
+                     "tp=%s pp=%s dp=%s ep=%s, now world=%d %s", saved.get("world_size"),
+                     saved.get("tp"), saved.get("pp"), saved.get("dp"), saved.get("ep"),
+                     layout.world_size, layout.describe())
+        return None
+    path = ckpt / manifest["rank_state"].format(rank=_rank())
+    if not path.is_file():
+        log.info("rank %d: no per-rank state in %s", _rank(), ckpt)
+        return None
+    return json.loads(path.read_text())
+
+
+def load_checkpoint(path: str | Path, model: torch.nn.Module, layout: ParallelLayout, *,
+                    optimizer: torch.optim.Optimizer | None = None,
+                    load_rank_state: bool = True) -> tuple[dict, dict | None]:
+    """Collective. Restores weights (and optimizer moments and step counts, when given an
+    optimizer) saved at any layout. Returns ``(manifest, rank_state)``: this rank's saved
+    ``rank_state``, or None when the world layout (world size, tp, pp, dp, ep) differs from
+    the saved one or none was saved; the caller restores RNG and data position from it and
+    the schedule from ``manifest["train_state"]``."""
+    ckpt = resolve(path)
+    manifest = read_manifest(ckpt)
+    _load_weights(ckpt, manifest, model, layout)
+    if optimizer is not None:
+        if not manifest.get("optimizer") or not (ckpt / "optimizer").is_dir():
+            raise CheckpointError(f"{ckpt}: saved without optimizer state (weights only); "
+                                  f"load it with load_model or checkpoint.load")
+        _load_optimizer(ckpt / "optimizer", model, optimizer,
+                        manifest.get("sharded_metadata", SHARDED_METADATA))
+        if _rank() == 0:
+            _log_hyperparameter_changes(manifest["optimizer"]["param_groups"], optimizer)
+    rank_state = _rank_state(ckpt, manifest, layout) if load_rank_state else None
+    return manifest, rank_state
