@@ -93,6 +93,19 @@ class TextConfig(TowerConfig):
 
 
 @dataclass
+class PrompterConfig:
+    """CLOC's region prompter (trainer/models/prompter.py) on top of the vision tower."""
+    layers: int = 0        # 0: no prompter (no region loss possible)
+    heads: int = 4
+    mlp_ratio: float = 4.0
+
+    def validate(self, key: str) -> None:
+        if self.layers < 0:
+            raise ConfigError(f"{key}.layers={self.layers} must be >= 0")
+        _positive(self, key, "heads")
+
+
+@dataclass
 class ModelConfig:
     # A named preset (tiny, vit-b-32, vit-b-16, vit-l-14) fills every field below; fields given
     # beside it in YAML or on the command line override the preset's values.
@@ -101,12 +114,17 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     logit_scale_init: float = 2.6592600  # log(1 / 0.07), as in CLIP
+    # SigLIP's learnable logit bias (the paper starts at -10 with logit_scale_init = log 10);
+    # null: no bias parameter (the softmax CLIP loss has no use for one).
+    logit_bias_init: float | None = None
     params_dtype: str = "float32"  # float32 | bfloat16
+    prompter: PrompterConfig = field(default_factory=PrompterConfig)
 
     def validate(self, key: str) -> None:
         self.vision.validate(f"{key}.vision")
         self.text.validate(f"{key}.text")
         _positive(self, key, "embed_dim")
+        self.prompter.validate(f"{key}.prompter")
         if self.params_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"{key}.params_dtype={self.params_dtype!r}: expected float32 or bfloat16")
 
@@ -125,22 +143,66 @@ class ParallelConfig:
             _positive(self, key, name)
 
 
+LOSSES = ("clip", "siglip")
+SCHEDULES = ("cosine", "constant")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
 @dataclass
 class TrainConfig:
     steps: int = 4
     micro_batch_size: int = 8   # per data-parallel rank, per microbatch
     num_microbatches: int = 1   # gradient accumulation / pipeline microbatches
+    loss: str = "clip"          # clip (softmax InfoNCE) | siglip (sigmoid); global batch
+    region_loss_weight: float = 0.0  # CLOC region-text loss (needs model.prompter.layers > 0)
+    # Negatives from the micro-batches of every data-parallel rank (features gathered, CLIP's
+    # global batch); false: each rank's micro-batch alone.
+    global_contrastive: bool = True
+    # AdamW; no weight decay on norms, biases, embeddings of rank < 2, logit scale / bias.
     lr: float = 1e-3
     weight_decay: float = 0.1
-    grad_clip: float = 1.0
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    lr_mult_experts: float = 1.0  # expert FFN params learn at lr * this
+    lr_mult_routers: float = 1.0  # router (gate) params learn at lr * this
+    # Linear warmup from 0 over warmup_steps, then cosine decay to lr * min_lr_ratio at `steps`
+    # (or constant).
+    warmup_steps: int = 0
+    lr_schedule: str = "cosine"
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0      # on the true global norm over TP/PP/EP; 0: off
+    max_logit_scale: float = 100.0  # CLIP clamps exp(logit_scale) at 100
+    precision: str = "auto"     # auto: bf16 autocast on CUDA, fp32 on CPU
+    activation_checkpointing: bool = False  # recompute transformer blocks in backward
+    # A step whose loss or gradient norm is not finite is skipped (no update) and counted;
+    # this many in a row abort the run.
+    max_nonfinite_steps: int = 5
     seed: int = 0
     log_every: int = 1
+    tensorboard: bool = True    # run_dir/tensorboard next to run_dir/metrics.jsonl
+    progress_bar: bool = True   # rank 0 only, when stderr is a terminal
 
     def validate(self, key: str) -> None:
-        for name in ("steps", "micro_batch_size", "num_microbatches", "log_every"):
+        for name in ("steps", "micro_batch_size", "num_microbatches", "log_every",
+                     "max_nonfinite_steps"):
             _positive(self, key, name)
-        if self.lr <= 0:
-            raise ConfigError(f"{key}.lr={self.lr} must be > 0")
+        for name in ("lr", "eps", "max_logit_scale", "lr_mult_experts", "lr_mult_routers"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{key}.{name}={getattr(self, name)} must be > 0")
+        for name in ("weight_decay", "grad_clip", "warmup_steps", "region_loss_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{key}.{name}={getattr(self, name)} must be >= 0")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{key}.{name}={getattr(self, name)} must be in [0, 1)")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"{key}.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        for name, allowed in (("loss", LOSSES), ("lr_schedule", SCHEDULES),
+                              ("precision", PRECISIONS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{key}.{name}={getattr(self, name)!r}: expected one of "
+                                  f"{', '.join(allowed)}")
 
 
 @dataclass
@@ -149,8 +211,16 @@ class CheckpointConfig:
     save_dir: str = ""  # where step checkpoints go; empty: no saving
     # A DENSE checkpoint to upcycle into this config's MoE model at start (trainer/moe/upcycle.py)
     upcycle_from: str = ""
+    save_every: int = 0     # steps between checkpoints (0: only at the end and on a signal)
+    keep_last: int = 0      # keep the newest N step checkpoints (0: all)
+    # Continue from save_dir/latest when it exists (a requeued or restarted job); `load` and
+    # `upcycle_from` apply only to a fresh start.
+    resume: bool = True
 
     def validate(self, key: str) -> None:
+        for name in ("save_every", "keep_last"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{key}.{name}={getattr(self, name)} must be >= 0")
         if self.load and self.upcycle_from:
             raise ConfigError(f"{key}.load and {key}.upcycle_from are both set; pick one")
         for name in ("load", "upcycle_from"):
@@ -162,12 +232,31 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Zero-shot classification on data.eval_urls (a class-labelled split)."""
+    every: int = 0          # steps between evaluations (0: only before and after training)
+    # Class names in label order; empty: `classnames` of the dataset.json that
+    # tools/make_shards.py writes beside the eval shards.
+    classnames: list[str] = field(default_factory=list)
+    templates: list[str] = field(default_factory=lambda: ["a photo of a {}"])
+    max_batches: int = 0    # per rank; 0: the whole split
+
+    def validate(self, key: str) -> None:
+        for name in ("every", "max_batches"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{key}.{name}={getattr(self, name)} must be >= 0")
+        if not self.templates or any("{}" not in t for t in self.templates):
+            raise ConfigError(f"{key}.templates={self.templates!r}: each needs a '{{}}'")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     run_dir: str = "runs/default"
 
     def validate(self) -> None:
@@ -183,6 +272,24 @@ class Config:
         self.parallel.validate("parallel")
         self.train.validate("train")
         self.checkpoint.validate("checkpoint")
+        self.eval.validate("eval")
+        t = self.train
+        if t.loss == "siglip" and self.model.logit_bias_init is None:
+            raise ConfigError("train.loss=siglip needs model.logit_bias_init (SigLIP: -10 with "
+                              "model.logit_scale_init=2.302585)")
+        if t.region_loss_weight > 0 and self.model.prompter.layers == 0:
+            raise ConfigError(f"train.region_loss_weight={t.region_loss_weight} needs "
+                              "model.prompter.layers > 0")
+        if t.region_loss_weight > 0 and self.data.train_urls and self.data.max_regions == 0:
+            raise ConfigError(f"train.region_loss_weight={t.region_loss_weight} needs "
+                              "data.max_regions > 0")
+        if self.data.train_urls and self.data.batch_size != t.micro_batch_size:
+            raise ConfigError(f"data.batch_size={self.data.batch_size} != "
+                              f"train.micro_batch_size={t.micro_batch_size}: one loader batch "
+                              "is one microbatch")
+        if self.data.train_urls and self.data.image_size != self.model.vision.image_size:
+            raise ConfigError(f"data.image_size={self.data.image_size} != "
+                              f"model.vision.image_size={self.model.vision.image_size}")
         if self.checkpoint.upcycle_from and not (self.model.vision.moe.enabled
                                                  or self.model.text.moe.enabled):
             raise ConfigError("checkpoint.upcycle_from is set but no tower has "

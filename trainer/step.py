@@ -1,100 +1,164 @@
-"""One optimizer step: microbatches through megatron-core's schedule, then DP grad sync,
-global-norm clipping and the optimizer.
+"""One optimizer step: microbatches through megatron-core's schedule, gradient sync by
+megatron-core's DistributedDataParallel, true global-norm clipping, AdamW.
+
+    model = build_model(cfg, layout)          # this pipeline stage of CLIP
+    ddp = wrap_ddp(model)                     # grads land in ddp's buffers (param.main_grad)
+    opt = build_optimizer(model, cfg)
+    metrics = forward_backward(ddp, microbatches, cfg)
+    finalize_grads(ddp, layout)               # DP / expert-DP reduce, routers over TP
+    norm = clip_grads(model, layout, cfg.train.grad_clip)
+    set_lr(opt, lr_at(step, cfg.train)); opt.step(); zero_grads(ddp, opt)
 
 The schedule is ``get_forward_backward_func()``: no pipelining at pp=1, 1F1B otherwise. Only
-the last stage computes the loss; every stage returns what the schedule needs.
+the last stage computes the loss.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
-from trainer.config import Config
+from trainer.config import Config, TrainConfig
 from trainer.distributed.layout import ParallelLayout
-from trainer.losses import clip_loss
+from trainer.losses import clip_loss, region_text_loss, siglip_loss
 
 
 def build_model(cfg: Config, layout: ParallelLayout) -> torch.nn.Module:
     from trainer.models.clip import CLIP
 
     return CLIP(cfg.model, cfg.parallel, pre_process=layout.is_first_stage,
-                post_process=layout.is_last_stage)
+                post_process=layout.is_last_stage,
+                recompute=cfg.train.activation_checkpointing)
 
 
-def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
+def wrap_ddp(model: torch.nn.Module) -> torch.nn.Module:
+    """megatron-core DDP: dense grads averaged over DP, expert grads (``allreduce=False``)
+    summed over expert-DP and divided by DP, in fp32 buffers (``param.main_grad``)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                            use_distributed_optimizer=False)
+    return DistributedDataParallel(config=model.config, ddp_config=ddp_cfg, module=model)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+def autocast(cfg: TrainConfig):
+    """bf16 autocast on CUDA (``precision=auto|bf16``), or on CPU when asked for; fp32 else."""
+    cuda = torch.cuda.is_available()
+    if cfg.precision == "bf16" or (cfg.precision == "auto" and cuda):
+        return torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ------------------------------------------------------------------------------ forward
+
+def contrastive_group(cfg: TrainConfig):
+    """The data-parallel group whose micro-batches give the negatives (None: this rank's)."""
+    from megatron.core import parallel_state as ps
+    if not cfg.global_contrastive:
+        return None
+    group = ps.get_data_parallel_group()
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def compute_loss(out: dict, batch: dict, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
+    """The training objective from the model's outputs: the contrastive (CLIP or SigLIP) loss
+    plus ``region_loss_weight`` x the CLOC region-text loss. Router aux losses ride on the MoE
+    layer outputs (trainer/moe/layer.py), not here."""
+    group = contrastive_group(cfg)
+    img, txt, scale = out["image_features"].float(), out["text_features"].float(), out["logit_scale"]
+    if cfg.loss == "siglip":
+        loss = siglip_loss(img, txt, scale, out["logit_bias"], group=group)
+    else:
+        loss = clip_loss(img, txt, scale, group=group)
+    metrics = {"contrastive_loss": loss.detach().clone()}
+    if "region_features" in out:
+        region = region_text_loss(out["region_features"].float(),
+                                  out["region_text_features"].float(),
+                                  batch["region_mask"], scale, group=group)
+        metrics["region_loss"] = region.detach().clone()
+        loss = loss + cfg.region_loss_weight * region
+    # a copy: the schedule divides the returned loss by num_microbatches in place
+    metrics["loss"] = loss.detach().clone()
+    return loss, metrics
+
+
+def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module, cfg: TrainConfig):
     batch = next(data_iterator)
-    output = model(batch.get("images"), batch.get("text"))
+    regions = cfg.region_loss_weight > 0 and "region_boxes" in batch
+    with autocast(cfg):
+        output = model(batch.get("images"), batch.get("text"),
+                       batch.get("region_boxes") if regions else None,
+                       batch.get("region_text") if regions else None)
+    return output, functools.partial(compute_loss, batch=batch, cfg=cfg)
 
-    def loss_func(output):
-        image_features, text_features, logit_scale = output
-        loss = clip_loss(image_features, text_features, logit_scale)
-        # a copy: the schedule divides the returned loss by num_microbatches in place
-        return loss, {"loss": loss.detach().clone()}
 
-    return output, loss_func
+def _batch_size(mb: dict) -> int:
+    return mb["size"] if "size" in mb else mb["text"].shape[0]
 
 
 def forward_backward(model: torch.nn.Module, microbatches: list[dict], cfg: Config,
-                     forward_only: bool = False) -> float | None:
-    """Runs every microbatch forward and backward; grads accumulate in ``param.grad`` (the
-    schedule divides each microbatch loss by their number). Returns the mean loss on the last
-    stage, None elsewhere."""
+                     forward_only: bool = False) -> dict | None:
+    """Runs every microbatch forward (and backward); the schedule divides each microbatch
+    loss by their number. Returns the metrics averaged over microbatches on the last stage
+    (``loss``, ``contrastive_loss``, ``region_loss``), None elsewhere."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
-
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-    mcfg = cfg.model
     # MoE aux losses ride on the layer outputs; their gradient is scaled like the main loss
     # (which the schedule divides by the number of microbatches).
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / len(microbatches)))
     losses = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(microbatches), model=[model],
-        num_microbatches=len(microbatches), seq_length=mcfg.vision.seq_length,
-        micro_batch_size=microbatches[0]["size"], forward_only=forward_only)
+        forward_step_func=functools.partial(forward_step, cfg=cfg.train),
+        data_iterator=iter(microbatches), model=[model],
+        num_microbatches=len(microbatches), seq_length=cfg.model.vision.seq_length,
+        micro_batch_size=_batch_size(microbatches[0]), forward_only=forward_only)
     if not losses:
         return None
-    return float(torch.stack([d["loss"] for d in losses]).mean())
+    return {k: float(torch.stack([d[k] for d in losses]).mean()) for k in losses[0]}
 
 
-def _flat_allreduce(grads: list[torch.Tensor], group, scale: float) -> None:
-    """Sum ``grads`` over ``group`` in one coalesced all-reduce, then multiply by ``scale``."""
+# ------------------------------------------------------------------------------ gradients
+
+def finalize_grads(model: torch.nn.Module, layout: ParallelLayout) -> None:
+    """After backward: reduce the DDP buffers, then sum the routers over TP, and point every
+    ``param.grad`` at its reduced ``main_grad`` for the optimizer.
+
+    Routers at TP > 1 saw only their TP rank's share of the routing units and are marked
+    ``sequence_parallel``; megatron sums those over TP only when the whole tower runs
+    sequence-parallel, which ours does not, so the sum is done here.
+    """
+    model.finish_grad_sync()
+    params = [p for p in unwrap(model).parameters() if p.requires_grad]
+    if layout.tp > 1:
+        _flat_allreduce([p.main_grad for p in params if getattr(p, "sequence_parallel", False)],
+                        layout.tp_group())
+    for p in params:
+        p.grad = p.main_grad
+
+
+def zero_grads(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    model.zero_grad_buffer()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _flat_allreduce(grads: list[torch.Tensor], group) -> None:
+    """Sum ``grads`` over ``group`` in one coalesced all-reduce."""
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat, group=group)
-    flat *= scale
     offset = 0
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
-
-
-def allreduce_grads(model: torch.nn.Module, layout: ParallelLayout) -> None:
-    """Gradient of the mean loss over the data-parallel replicas.
-
-    Dense params: averaged over DP. Expert params (``allreduce=False``): each already holds
-    the contributions of every replica in its EP group (the all-to-all brought their tokens),
-    so they are summed over expert-DP and divided by DP. Routers at TP > 1 saw only their TP
-    rank's share of the tokens (``sequence_parallel``): summed over TP first.
-    """
-    from megatron.core import parallel_state as ps
-
-    params = [p for p in model.parameters() if p.grad is not None]
-    if layout.tp > 1:
-        _flat_allreduce([p.grad for p in params if getattr(p, "sequence_parallel", False)],
-                        layout.tp_group(), 1.0)
-    if layout.dp > 1:
-        _flat_allreduce([p.grad for p in params if getattr(p, "allreduce", True)],
-                        layout.dp_group(), 1.0 / layout.dp)
-    experts = [p.grad for p in params if not getattr(p, "allreduce", True)]
-    if experts and ps.get_expert_data_parallel_world_size() > 1:  # spans TP ranks too
-        _flat_allreduce(experts, ps.get_expert_data_parallel_group(), 1.0 / layout.dp)
-    elif layout.dp > 1:
-        for g in experts:
-            g /= layout.dp
 
 
 def global_grad_norm(model: torch.nn.Module, layout: ParallelLayout) -> float:
@@ -102,6 +166,7 @@ def global_grad_norm(model: torch.nn.Module, layout: ParallelLayout) -> float:
     experts summed over their EP group, pipeline stages summed."""
     from megatron.core import parallel_state as ps
 
+    model = unwrap(model)
     sq = torch.zeros((), dtype=torch.float64)
     sq_experts = torch.zeros((), dtype=torch.float64)
     for p in model.parameters():
@@ -124,21 +189,69 @@ def global_grad_norm(model: torch.nn.Module, layout: ParallelLayout) -> float:
 
 
 def clip_grads(model: torch.nn.Module, layout: ParallelLayout, max_norm: float) -> float:
+    """Scales the grads to ``max_norm`` when above it (0: no clipping); returns the norm
+    before clipping (nan/inf when a gradient is not finite: nothing is scaled then)."""
     norm = global_grad_norm(model, layout)
-    if max_norm > 0 and norm > max_norm:
+    if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
         scale = max_norm / (norm + 1e-6)
-        for p in model.parameters():
+        for p in unwrap(model).parameters():
             if p.grad is not None:
                 p.grad.mul_(scale)
     return norm
 
 
+# ------------------------------------------------------------------------------ optimizer
+
+def param_kind(name: str, p: torch.nn.Parameter) -> str:
+    """expert | router | dense: which learning-rate multiplier applies."""
+    if not getattr(p, "allreduce", True):
+        return "expert"
+    if ".deepspeed_moe.gate." in name:
+        return "router"
+    return "dense"
+
+
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on gains, biases, embeddings of rank < 2 and the logit scale."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "logit_scale" in name else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.98), eps=1e-6,
+    """AdamW with up to six param groups: (dense | expert | router) x (decay | no decay).
+    No weight decay on gains, biases, class/positional embeddings of rank < 2 and the logit
+    scale/bias. Each group carries ``lr_mult``; ``set_lr`` applies it."""
+    t = cfg.train
+    mult = {"dense": 1.0, "expert": t.lr_mult_experts, "router": t.lr_mult_routers}
+    groups: dict[tuple[str, bool], list] = {}
+    for name, p in unwrap(model).named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = p.ndim >= 2 and "logit_" not in name
+        groups.setdefault((param_kind(name, p), decay), []).append(p)
+    param_groups = [{"params": ps, "weight_decay": t.weight_decay if decay else 0.0,
+                     "lr_mult": mult[kind], "name": f"{kind}_{'decay' if decay else 'no_decay'}"}
+                    for (kind, decay), ps in sorted(groups.items())]
+    return torch.optim.AdamW(param_groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
                              fused=torch.cuda.is_available())
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """The learning rate of optimizer step ``step`` (1-based): linear warmup from 0 over
+    ``warmup_steps``, then cosine decay from ``lr`` to ``lr * min_lr_ratio`` at ``steps`` (or
+    constant)."""
+    if cfg.warmup_steps and step <= cfg.warmup_steps:
+        return cfg.lr * step / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_mult", 1.0)
+
+
+def clamp_logit_scale(model: torch.nn.Module, max_scale: float) -> None:
+    """CLIP clamps the learned temperature: exp(logit_scale) <= max_scale."""
+    model = unwrap(model)
+    if hasattr(model, "logit_scale"):
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(max_scale))

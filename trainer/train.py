@@ -2,12 +2,19 @@
 
 Runs as one process, under torchrun, srun or mpirun (see trainer/distributed/launch.py).
 Bad configs and layouts fail before any heavy import, with one line naming the problem.
+
+Where a run starts: ``checkpoint.save_dir/latest`` when it exists (a restarted or requeued
+job continues exactly: model, optimizer, schedule, RNG, data position), else
+``checkpoint.load`` (weights only), else ``checkpoint.upcycle_from`` (a dense checkpoint made
+MoE), else a fresh model. Exit codes: 0 done, 2 bad input, 3 (``EXIT_REQUEUE``) stopped by
+SIGUSR1/SIGTERM after saving, 4 too many non-finite steps in a row.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -21,7 +28,8 @@ log = logging.getLogger("upclip")
 
 def synthetic_microbatches(cfg: Config, layout: ParallelLayout, step: int) -> list[dict]:
     """Random images and captions, fixed per (step mod 4, microbatch, dp rank) so a tiny model
-    can fit them; identical on every TP/PP rank of a data-parallel replica."""
+    can fit them; identical on every TP/PP rank of a data-parallel replica. Used when
+    ``data.train_urls`` is empty (tests, benchmarks)."""
     import torch
 
     m, t = cfg.model, cfg.train
@@ -39,22 +47,53 @@ def synthetic_microbatches(cfg: Config, layout: ParallelLayout, step: int) -> li
     return out
 
 
-def moe_summary(model) -> str:
-    """' moe: dropped X% load_balance Y' over this rank's MoE layers since the last call."""
-    from trainer.moe.layer import MoEMLP
+class Batches:
+    """Microbatches for each step: from the shard loader (epochs roll over), or synthetic."""
 
-    wanted = kept = lb = calls = 0.0
-    for m in model.modules():
-        if isinstance(m, MoEMLP):
-            st = m.pop_stats()
-            if st:
-                wanted += float(st["routes_wanted"])
-                kept += float(st["routes_kept"])
-                lb += float(st["aux_load_balance"])
-                calls += float(st["calls"])
-    if not calls:
-        return ""
-    return f" moe: dropped {100 * (1 - kept / max(wanted, 1)):.1f}% load_balance {lb / calls:.3f}"
+    def __init__(self, cfg: Config, layout: ParallelLayout, tokenizer):
+        self.cfg, self.layout = cfg, layout
+        self.loader = self._it = None
+        if cfg.data.train_urls:
+            from trainer.data import build_train_loader
+            self.loader = build_train_loader(cfg.data, rank=layout.dp_rank, world=layout.dp,
+                                             tokenizer=tokenizer)
+
+    def next(self, step: int) -> list[dict]:
+        if self.loader is None:
+            return synthetic_microbatches(self.cfg, self.layout, step)
+        return [self._one() for _ in range(self.cfg.train.num_microbatches)]
+
+    def _one(self) -> dict:
+        for _ in range(2):
+            if self._it is None:
+                self._it = iter(self.loader)
+            batch = next(self._it, None)
+            if batch is not None:
+                return batch
+            self._it = None  # the epoch ended: the next iter() starts the next one
+        raise RuntimeError(f"data rank {self.layout.dp_rank}: an epoch of data.train_urls="
+                           f"{self.cfg.data.train_urls!r} gave no batch")
+
+    def state_dict(self) -> dict | None:
+        return None if self.loader is None else self.loader.state_dict()
+
+    def load_state_dict(self, state: dict | None, epoch_hint: int) -> None:
+        if self.loader is None:
+            return
+        if state is None:  # resumed at another layout: the data position is per rank
+            log.warning("data: the checkpoint was saved at another layout; its data position "
+                        "cannot be restored exactly, starting epoch %d", epoch_hint + 1)
+            self.loader.set_epoch(epoch_hint + 1)
+        else:
+            self.loader.load_state_dict(state)
+
+    def skipped(self) -> int:
+        return 0 if self.loader is None else self.loader.counters.skipped()
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v
+            for k, v in batch.items()}
 
 
 def parse_args(argv):
@@ -74,75 +113,185 @@ def prepare(argv) -> tuple[Config, "object", ParallelLayout]:
     return cfg, launch, layout
 
 
+def _start(cfg: Config, layout: ParallelLayout):
+    """(model, checkpoint to resume from or None): see the module docstring."""
+    from trainer import checkpoint, step as S
+
+    resume = None
+    if cfg.checkpoint.resume and cfg.checkpoint.save_dir:
+        try:
+            resume = checkpoint.resolve(cfg.checkpoint.save_dir)
+        except checkpoint.CheckpointError:
+            resume = None
+    if resume is None and cfg.checkpoint.upcycle_from:
+        from trainer.moe.upcycle import upcycle_model
+        return upcycle_model(cfg.checkpoint.upcycle_from, cfg, layout), None
+    model = S.build_model(cfg, layout)
+    if resume is None and cfg.checkpoint.load:
+        checkpoint.load_model(cfg.checkpoint.load, model, layout)
+    return model, resume
+
+
 def run(cfg: Config, launch, layout: ParallelLayout) -> dict:
     import torch
 
     from trainer import checkpoint, step as S
+    from trainer.data import build_tokenizer
     from trainer.distributed import init_distributed
+    from trainer.distributed.rng import rng_state, set_rng_state
+    from trainer.eval.zeroshot import evaluate
+    from trainer.metrics import (MetricsLogger, model_flops_per_sample, moe_layer_stats,
+                                 peak_flops)
+    from trainer.signals import EXIT_NONFINITE, EXIT_REQUEUE, StopSignals
 
-    t0 = time.time()
+    t_start = time.time()
     init_distributed(launch)
     layout.initialize(seed=cfg.train.seed)
-    rank0 = launch.rank == 0
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     reporter = layout.is_last_stage and layout.tp_rank == 0 and layout.dp_rank == 0
-    if rank0:
+    if launch.rank == 0:
         log.info("%s; layout %s", launch.describe(), layout.describe())
-        run_dir = Path(cfg.run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
-    if cfg.checkpoint.upcycle_from:
-        from trainer.moe.upcycle import upcycle_model
-        model = upcycle_model(cfg.checkpoint.upcycle_from, cfg, layout)
-    else:
-        model = S.build_model(cfg, layout)
-    if rank0:
-        n = sum(p.numel() for p in model.parameters())
-        log.info("built CLIP stage %d/%d: %.2fM params on this rank", layout.pp_rank + 1,
-                 layout.pp, n / 1e6)
-    if cfg.checkpoint.load:
-        checkpoint.load_model(cfg.checkpoint.load, model, layout)
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.run_dir) / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
+    model, resume = _start(cfg, layout)
+    model.to(device)
+    ddp = S.wrap_ddp(model)
     optimizer = S.build_optimizer(model, cfg)
-    history = []
-    for step in range(1, cfg.train.steps + 1):
+    tokenizer = build_tokenizer(cfg.data.tokenizer) if (cfg.data.train_urls or
+                                                        cfg.data.eval_urls) else None
+    batches = Batches(cfg, layout, tokenizer)
+    state = {"step": 0, "skipped_steps": 0, "consumed_samples": 0, "data_epoch": 0}
+    if resume is not None:
+        manifest, rank_state = checkpoint.load_checkpoint(resume, model, layout,
+                                                          optimizer=optimizer)
+        state.update(manifest.get("train_state") or {})
+        if rank_state is not None:
+            set_rng_state(rank_state["rng"])
+        batches.load_state_dict(rank_state["data"] if rank_state else None, state["data_epoch"])
+        if launch.rank == 0:
+            log.info("resumed from %s at step %d", resume, state["step"])
+    if launch.rank == 0:
+        n = sum(p.numel() for p in model.parameters())
+        log.info("CLIP stage %d/%d: %.2fM params on this rank", layout.pp_rank + 1, layout.pp,
+                 n / 1e6)
+
+    t = cfg.train
+    samples_per_step = t.micro_batch_size * t.num_microbatches * layout.dp
+    flops, peak = model_flops_per_sample(cfg), peak_flops()
+    metrics_log = MetricsLogger(cfg.run_dir, reporter, t.steps, state["step"],
+                                tensorboard=t.tensorboard, progress_bar=t.progress_bar)
+    signals = StopSignals()
+    history, evals, nonfinite_run, exit_code = [], [], 0, 0
+
+    def run_eval(step: int) -> None:
+        acc = evaluate(ddp, cfg, layout, tokenizer)
+        if reporter and acc is not None:
+            log.info("step %d: zero-shot top-1 %.4f top-5 %.4f (%d images)", step,
+                     acc["zero_shot_top1"], acc["zero_shot_top5"], acc["eval_images"])
+            metrics_log.log(step, {f"eval/{k}": v for k, v in acc.items()})
+            evals.append({"step": step, **acc})
+
+    def save(step: int) -> None:
+        state["data_epoch"] = batches.loader.epoch if batches.loader is not None else 0
+        checkpoint.save_checkpoint(
+            cfg.checkpoint.save_dir, step, model, config_to_dict(cfg), layout,
+            optimizer=optimizer, train_state=dict(state, step=step),
+            rank_state={"rng": rng_state(), "data": batches.state_dict()},
+            keep_last=cfg.checkpoint.keep_last)
+
+    if state["step"] == 0:
+        run_eval(0)
+    step = state["step"]
+    while step < t.steps:
+        step += 1
         ts = time.time()
-        optimizer.zero_grad(set_to_none=True)
-        loss = S.forward_backward(model, synthetic_microbatches(cfg, layout, step), cfg)
-        S.allreduce_grads(model, layout)
-        norm = S.clip_grads(model, layout, cfg.train.grad_clip)
-        optimizer.step()
-        with torch.no_grad():  # CLIP clamps the temperature at 100
-            if layout.is_last_stage:
-                model.logit_scale.clamp_(0, 4.6052)
-        if layout.is_last_stage and layout.dp > 1:
-            t = torch.tensor([loss])
-            torch.distributed.all_reduce(t, group=layout.dp_group())
-            loss = float(t) / layout.dp
-        if reporter:
-            history.append(loss)
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                log.info("step %d/%d loss %.4f grad_norm %.3f %.2fs%s", step, cfg.train.steps,
-                         loss, norm, time.time() - ts, moe_summary(model))
-    if cfg.checkpoint.save_dir:
-        checkpoint.save_checkpoint(cfg.checkpoint.save_dir, cfg.train.steps, model,
-                                   config_to_dict(cfg), layout)
+        microbatches = [to_device(b, device) for b in batches.next(step)]
+        lr = S.lr_at(step, t)
+        S.set_lr(optimizer, lr)
+        out = S.forward_backward(ddp, microbatches, cfg)
+        S.finalize_grads(ddp, layout)
+        norm = S.clip_grads(ddp, layout, t.grad_clip)
+        finite = torch.tensor([float(math.isfinite(norm) and (out is None or
+                                                             math.isfinite(out["loss"])))],
+                              device=device)
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if finite.item():
+            optimizer.step()
+            S.clamp_logit_scale(model, t.max_logit_scale)
+            nonfinite_run = 0
+        else:
+            state["skipped_steps"] += 1
+            nonfinite_run += 1
+            if launch.rank == 0:
+                log.warning("step %d: non-finite loss or gradient norm (%s): update skipped "
+                            "(%d in a row)", step, norm, nonfinite_run)
+        S.zero_grads(ddp, optimizer)
+        state["consumed_samples"] += samples_per_step
+        if nonfinite_run >= t.max_nonfinite_steps:
+            if launch.rank == 0:
+                log.error("aborting: %d steps in a row had a non-finite loss or gradient norm "
+                          "(train.max_nonfinite_steps=%d); last good checkpoint: %s", nonfinite_run,
+                          t.max_nonfinite_steps, cfg.checkpoint.save_dir or "none")
+            exit_code = EXIT_NONFINITE
+            break
+        if step % t.log_every == 0 or step == t.steps:
+            if layout.is_last_stage and layout.dp > 1:
+                vec = torch.tensor(list(out.values()), dtype=torch.float64, device=device)
+                torch.distributed.all_reduce(vec, group=layout.dp_group())
+                out = dict(zip(out, (vec / layout.dp).tolist()))
+            moe = moe_layer_stats(model, layout)
+            dt = time.time() - ts
+            if reporter:
+                rec = {**out, "lr": lr, "grad_norm": norm, "step_time": dt,
+                       "samples_per_s": samples_per_step / dt,
+                       "logit_scale": float(model.logit_scale.detach().exp()),
+                       "skipped_steps": state["skipped_steps"], "data_skipped": batches.skipped()}
+                if peak:
+                    rec["mfu"] = flops * samples_per_step / dt / (peak * layout.world_size)
+                if moe:
+                    rec["moe"] = moe
+                metrics_log.log(step, rec)
+                metrics_log.progress(step, out["loss"], samples_per_step / dt)
+                history.append(out["loss"])
+                dropped = (f" moe dropped {100 * sum(v['dropped'] for v in moe.values()) / len(moe):.1f}%"
+                           if moe else "")
+                log.info("step %d/%d loss %.4f grad_norm %.3f lr %.2e %.2fs %.1f samples/s%s",
+                         step, t.steps, out["loss"], norm, lr, dt, samples_per_step / dt, dropped)
+        stop = signals.agreed()
+        if cfg.checkpoint.save_dir and (stop or step == t.steps or (
+                cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0)):
+            save(step)
+        if cfg.eval.every and step % cfg.eval.every == 0 and step != t.steps:
+            run_eval(step)
+        if stop:
+            if launch.rank == 0:
+                log.warning("stopped by %s at step %d; exit %d to be requeued",
+                            signals.received or "a signal on another rank", step, EXIT_REQUEUE)
+            exit_code = EXIT_REQUEUE
+            break
+    if exit_code == 0 and step == t.steps:
+        run_eval(step)
+    signals.restore()
+    metrics_log.close()
     if reporter:
-        log.info("done: %d steps in %.1fs", cfg.train.steps, time.time() - t0)
-    return {"losses": history}
+        log.info("done: step %d/%d in %.1fs", step, t.steps, time.time() - t_start)
+    return {"losses": history, "evals": evals, "exit_code": exit_code, "step": step}
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s",
                         datefmt="%H:%M:%S")
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # it lists every param at INFO
     try:
         cfg, launch, layout = prepare(argv if argv is not None else sys.argv[1:])
     except (ConfigError, LaunchError, LayoutError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    run(cfg, launch, layout)
+    result = run(cfg, launch, layout)
     import torch.distributed as dist
     if dist.is_initialized():
         dist.destroy_process_group()
-    return 0
+    return result["exit_code"]
 
 
 if __name__ == "__main__":

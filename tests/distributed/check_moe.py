@@ -39,8 +39,9 @@ def config(**kw):
 
 
 def overrides(tp=1, ep=1, pp=1, top_k=2, dispatch="capacity", aux=True, moe=True):
+    # each DP rank's microbatch is its own contrastive batch, like the EP=1 reference's slices
     over = ["model.text.vocab_size=1000", f"parallel.tp={tp}", f"parallel.ep={ep}",
-            f"parallel.pp={pp}"]
+            f"parallel.pp={pp}", "train.global_contrastive=false"]
     if moe:
         for tower, every in (("vision", 1), ("text", 2)):  # text mixes dense and MoE blocks
             m = f"model.{tower}.moe."
@@ -71,10 +72,10 @@ def embeddings(model, images, text):
 
 def loss_and_grads(cfg, layout, model, slices):
     mine = [s for i, s in enumerate(slices) if i % layout.dp == layout.dp_rank]
-    model.zero_grad(set_to_none=True)
-    loss = S.forward_backward(model, mine, cfg)
-    S.allreduce_grads(model, layout)
-    t = torch.tensor([loss if loss is not None else 0.0])
+    ddp = S.wrap_ddp(model)
+    out = S.forward_backward(ddp, mine, cfg)
+    S.finalize_grads(ddp, layout)  # megatron DDP: DP / expert-DP reduce, routers over TP
+    t = torch.tensor([out["loss"] if out is not None else 0.0])
     torch.distributed.all_reduce(t)  # the loss lives on the last stage's DP ranks
     return float(t) / (layout.dp * layout.tp), full_state_dict(model, layout, grads=True)
 

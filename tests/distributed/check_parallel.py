@@ -23,6 +23,7 @@ from trainer.models.state import full_state_dict  # noqa: E402
 def build(workdir: Path, ckpt: str, tp: int, pp: int, world: int):
     cfg = config_from_saved(checkpoint.read_manifest(workdir / ckpt)["config"])
     cfg.parallel.tp, cfg.parallel.pp = tp, pp
+    cfg.train.global_contrastive = False  # DP replicas here compute the same batch
     layout = ParallelLayout(world, tp, pp).initialize(seed=123)
     model = S.build_model(cfg, layout)
     checkpoint.load_model(workdir / ckpt, model, layout)
@@ -37,8 +38,10 @@ def microbatches(refs):
 
 
 def loss_and_grads(cfg, layout, model, refs):
-    model.zero_grad(set_to_none=True)
-    loss = S.forward_backward(model, microbatches(refs), cfg)
+    ddp = S.wrap_ddp(model)
+    out = S.forward_backward(ddp, microbatches(refs), cfg)
+    S.finalize_grads(ddp, layout)
+    loss = out["loss"] if out is not None else None
     grads = full_state_dict(model, layout, grads=True)
     if layout.pp > 1:  # the loss lives on the last stage
         box = [loss]

@@ -10,23 +10,13 @@ Tolerances (tests/distributed/check_checkpoint.py measures):
   equal those after the capture.
 """
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from launcher import run_check
+
 
 
 def test_checkpoint_full_state(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", "--standalone",
-         str(ROOT / "tests/distributed/check_checkpoint.py"), str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_check("check_checkpoint.py", 4, tmp_path, timeout=900)
     for rank in range(4):
         r = json.loads((tmp_path / f"result_rank{rank}.json").read_text())
         assert r["rng_roundtrip"] is True, r

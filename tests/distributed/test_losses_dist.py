@@ -10,25 +10,15 @@ forward bit-exact, backward (reduce-scatter SUM) <= 1e-12; unequal shapes raise 
 on every rank.
 """
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from launcher import run_check
+
 WORLD = 2
 TOL = 1e-10
 
 
 def test_losses_match_single_process(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}",
-         "--standalone", str(ROOT / "tests/distributed/check_losses.py"), str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_check("check_losses.py", WORLD, tmp_path, timeout=300)
     for rank in range(WORLD):
         r = json.loads((tmp_path / f"result_rank{rank}.json").read_text())
         assert r["world"] == WORLD

@@ -6,16 +6,13 @@ loss relative diff <= 1e-5 and per-tensor gradient relative L2 error <= 1e-5;
 checkpoint resharding tp=2 -> pp=2 is bit-exact (0.0).
 """
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+
+from launcher import run_check
 
 import torch
 
 import peers
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def import_ckpt(*args):
@@ -39,14 +36,7 @@ def test_tp_pp_equivalence_and_peer_import(tmp_path, dist1):
                 tmp_path / "oc.json", "--out", tmp_path / "ckpt_open_clip")
     import_ckpt("--from", "hf", "--weights", tmp_path / "hf", "--out", tmp_path / "ckpt_hf")
 
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         "--standalone", str(ROOT / "tests/distributed/check_parallel.py"), str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_check("check_parallel.py", 2, tmp_path, timeout=600)
     for rank in (0, 1):
         r = json.loads((tmp_path / f"result_rank{rank}.json").read_text())
         assert r["tp1_open_clip_embed"] <= 1e-5, r

@@ -41,7 +41,8 @@ def test_open_clip_embeddings_and_roundtrip(dist1, quick_gelu):
         assert (model.encode_image(images) - ref_i).abs().max() <= 1e-5
         assert (model.encode_text(text) - ref_t).abs().max() <= 1e-5
         # forward(): normalised features and exp(logit_scale), like open_clip's
-        i, t, scale = model(images, text)
+        out = model(images, text)
+        i, t, scale = out["image_features"], out["text_features"], out["logit_scale"]
         oi, ot, oscale = oc(images, text)
     assert (i - oi).abs().max() <= 1e-5 and (t - ot).abs().max() <= 1e-5
     assert torch.allclose(scale, oscale)

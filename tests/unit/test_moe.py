@@ -325,7 +325,8 @@ def test_dropless_equals_ample_capacity(dist1, capacity_factor, drop_tokens):
     outs = []
     for m in (cap, drop):
         m.train()
-        i, t, s = m(images, text)
+        out = m(images, text)
+        i, t, s = out["image_features"], out["text_features"], out["logit_scale"]
         ((i * r1).sum() + (t * r2).sum() + s).backward()
         stats = [mlp.pop_stats() for _, _, mlp in moe_layers(m)]
         assert all(int(x["routes_kept"]) == int(x["routes_wanted"]) for x in stats)  # no drop
@@ -493,7 +494,8 @@ def test_aux_loss_gradient_reaches_router(dist1, aux):
     model.train()
     store, handles = capture_inputs(model)
     images, text = peers.sample_inputs(n=4, seed=15)
-    i, t, s = model(images, text)
+    out = model(images, text)
+    i, t, s = out["image_features"], out["text_features"], out["logit_scale"]
     for h in handles:
         h.remove()
     loss = ((i.sum() + t.sum() + s) * 0.0)

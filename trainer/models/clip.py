@@ -10,7 +10,11 @@ one) and the whole text tower, both projections, the logit scale and the loss si
 stage, which receives the vision hidden states ``[s, b, d]`` from the previous stage. Stages
 exchange one tensor, the vision residual stream, so megatron-core's schedules apply as-is.
 Tensor parallelism lives inside megatron's Column/RowParallelLinear layers; everything else
-(embeddings, norms, projections) is replicated over TP.
+(embeddings, norms, projections, the CLOC prompter) is replicated over TP.
+
+CLOC (``model.prompter.layers > 0``): the last stage also holds a region prompter that turns
+the vision tower's final tokens plus a box into a region embedding; region captions go through
+the text tower in the same pass as the captions.
 """
 from __future__ import annotations
 
@@ -29,14 +33,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def tower_transformer_config(tower: VisionConfig | TextConfig, model: ModelConfig, tp: int,
-                             pp: int = 1, layers_last_stage: int | None = None
-                             ) -> TransformerConfig:
+                             pp: int = 1, layers_last_stage: int | None = None,
+                             recompute: bool = False) -> TransformerConfig:
     """megatron TransformerConfig for one tower. ``pp`` is the number of stages this tower is
-    split over (1 for the text tower, which lives on the last stage)."""
+    split over (1 for the text tower, which lives on the last stage). ``recompute``: every
+    block's activations are recomputed in backward (megatron's full/uniform recompute)."""
     dtype = DTYPES[model.params_dtype]
     extra = {}
     if pp > 1 and layers_last_stage is not None and layers_last_stage >= 0:
         extra["num_layers_in_last_pipeline_stage"] = layers_last_stage
+    if recompute:
+        extra.update(recompute_granularity="full", recompute_method="uniform",
+                     recompute_num_layers=1)
     return TransformerConfig(
         num_layers=tower.layers, hidden_size=tower.width, num_attention_heads=tower.heads,
         ffn_hidden_size=int(tower.width * tower.mlp_ratio),
@@ -77,7 +85,9 @@ class VisionTower(MegatronModule):
     def set_input_tensor(self, tensor: torch.Tensor) -> None:
         self.transformer.set_input_tensor(tensor)
 
-    def forward(self, images: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor | None, return_tokens: bool = False):
+        """``[b, e]`` pooled embedding on the last stage (with the ``[b, s, d]`` normalised
+        tokens too when ``return_tokens``); the ``[s, b, d]`` hidden states elsewhere."""
         x = None
         if self.pre_process:
             x = self.conv1(images)                                  # [b, d, g, g]
@@ -88,7 +98,10 @@ class VisionTower(MegatronModule):
         x = self.transformer(hidden_states=x, attention_mask=None)  # [s, b, d]
         if not self.post_process:
             return x
-        return self.proj(self.ln_post(x[0]))                        # [b, e]
+        if not return_tokens:
+            return self.proj(self.ln_post(x[0]))                    # [b, e]
+        tokens = self.ln_post(x.transpose(0, 1))                    # [b, s, d]
+        return self.proj(tokens[:, 0]), tokens
 
 
 class TextTower(MegatronModule):
@@ -128,23 +141,35 @@ def _stage_layers(tcfg: TransformerConfig) -> tuple[int, int]:
 class CLIP(MegatronModule):
     """One pipeline stage of CLIP (the whole model when ``pp == 1``).
 
-    ``forward(images, text)`` returns the vision hidden states ``[s, b, d]`` on every stage but
-    the last, and ``(image_features, text_features, logit_scale)`` there, features L2-normalised.
+    ``forward(images, text[, region_boxes, region_text])`` returns the vision hidden states
+    ``[s, b, d]`` on every stage but the last, and a dict there: ``image_features`` and
+    ``text_features`` ``[b, e]`` (L2-normalised), ``logit_scale`` (exp'd), ``logit_bias``
+    (SigLIP only) and, given regions, ``region_features`` / ``region_text_features``
+    ``[b, R, e]`` (L2-normalised).
     """
 
     def __init__(self, cfg: ModelConfig, parallel: ParallelConfig, pre_process: bool = True,
-                 post_process: bool = True):
+                 post_process: bool = True, recompute: bool = False):
         vcfg = tower_transformer_config(cfg.vision, cfg, parallel.tp, parallel.pp,
-                                        parallel.vision_layers_last_stage)
+                                        parallel.vision_layers_last_stage, recompute)
         super().__init__(config=vcfg)  # the schedules read hidden size / dtype from here
         self.model_type = ModelType.encoder_or_decoder
         self.cfg = cfg
         self.pre_process, self.post_process = pre_process, post_process
         self.visual = VisionTower(cfg.vision, vcfg, cfg.embed_dim, pre_process, post_process)
         if post_process:
-            tcfg = tower_transformer_config(cfg.text, cfg, parallel.tp, pp=1)
+            tcfg = tower_transformer_config(cfg.text, cfg, parallel.tp, pp=1, recompute=recompute)
             self.text = TextTower(cfg.text, tcfg, cfg.embed_dim)
             self.logit_scale = torch.nn.Parameter(torch.tensor(cfg.logit_scale_init))
+            if cfg.logit_bias_init is not None:
+                self.logit_bias = torch.nn.Parameter(torch.tensor(cfg.logit_bias_init))
+            if cfg.prompter.layers:
+                from trainer.models.prompter import RegionPrompter
+                v = cfg.vision
+                self.prompter = RegionPrompter(
+                    v.width, cfg.embed_dim, grid=v.image_size // v.patch_size,
+                    heads=cfg.prompter.heads, layers=cfg.prompter.layers,
+                    mlp_ratio=cfg.prompter.mlp_ratio, ln_eps=v.ln_eps)
         dtype = DTYPES[cfg.params_dtype]
         if dtype != torch.float32:
             self.to(dtype)
@@ -160,10 +185,27 @@ class CLIP(MegatronModule):
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:
         return self.text(text)
 
-    def forward(self, images: torch.Tensor | None, text: torch.Tensor | None):
-        x = self.visual(images)
+    def forward(self, images: torch.Tensor | None, text: torch.Tensor | None,
+                region_boxes: torch.Tensor | None = None,
+                region_text: torch.Tensor | None = None):
+        regions = region_boxes is not None and hasattr(self, "prompter")
+        x = self.visual(images, return_tokens=regions)
         if not self.post_process:
             return x
-        image_features = F.normalize(x, dim=-1)
-        text_features = F.normalize(self.text(text), dim=-1)
-        return image_features, text_features, self.logit_scale.exp()
+        out = {"logit_scale": self.logit_scale.exp()}
+        if hasattr(self, "logit_bias"):
+            out["logit_bias"] = self.logit_bias
+        if not regions:
+            out["image_features"] = F.normalize(x, dim=-1)
+            if text is not None:
+                out["text_features"] = F.normalize(self.text(text), dim=-1)
+            return out
+        pooled, tokens = x
+        b, r = region_boxes.shape[:2]
+        # captions and region captions in one text-tower pass: [b + b*R, L] -> [b + b*R, e]
+        t = F.normalize(self.text(torch.cat([text, region_text.flatten(0, 1)])), dim=-1)
+        out["image_features"] = F.normalize(pooled, dim=-1)
+        out["text_features"] = t[:b]
+        out["region_text_features"] = t[b:].view(b, r, -1)                      # [b, R, e]
+        out["region_features"] = F.normalize(self.prompter(tokens, region_boxes), dim=-1)
+        return out

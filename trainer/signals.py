@@ -1,0 +1,44 @@
+"""Stop cleanly on SIGUSR1 / SIGTERM: finish the step, save, exit with ``EXIT_REQUEUE``.
+
+SLURM sends the signal before the time limit (``sbatch --signal=USR1@120``) or on preemption
+(SIGTERM); the launch scripts requeue the job when the trainer exits with ``EXIT_REQUEUE``,
+and the requeued job resumes from ``checkpoint.save_dir/latest``. The signal may reach only
+some ranks, so every step all ranks agree (one all-reduce of a flag) before anyone stops.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("upclip")
+
+EXIT_REQUEUE = 3      # saved after a stop signal: requeue me
+EXIT_NONFINITE = 4    # too many non-finite steps in a row: a human must look
+
+
+class StopSignals:
+    def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM)):
+        self.received: str | None = None
+        self._previous = {}
+        for s in signals:
+            self._previous[s] = signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None:
+            log.warning("received %s: stopping after this step", signal.Signals(signum).name)
+        self.received = signal.Signals(signum).name
+
+    def agreed(self) -> bool:
+        """Collective: True on every rank when any rank got a signal."""
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # NCCL wants device tensors
+        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
