@@ -26,9 +26,9 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e1
 
 
 def model_flops_per_sample(cfg: Config, moe_active: bool = True) -> float:
-    """Training FLOPs of one image-text pair (forward + backward = 3x forward), counting
-    2 FLOPs per multiply-add of every matmul (attention scores included) and, for MoE
-    layers, the top-k experts a token actually runs."""
+    """Training FLOPs of one image-text pair, counting 2 FLOPs per multiply-add of every
+    matmul (attention scores included): backward = 2x forward, except the patch embedding
+    (no gradient w.r.t. the pixels); MoE layers count the top-k experts a token runs."""
     total = 0.0
     towers = ((cfg.model.vision, cfg.model.vision.seq_length),
               (cfg.model.text, cfg.model.text.context_length))
@@ -40,10 +40,10 @@ def model_flops_per_sample(cfg: Config, moe_active: bool = True) -> float:
             router = 2 * s * d * tower.moe.num_experts if i in moe_layers else 0
             attn = 2 * s * 4 * d * d + 2 * 2 * s * s * d
             total += mlp + router + attn
-        total += 2 * s * d * cfg.model.embed_dim
+        total += 2 * d * cfg.model.embed_dim  # the projection of the pooled token
     v = cfg.model.vision
-    total += 2 * v.num_patches * 3 * v.patch_size ** 2 * v.width  # patch embedding
-    return 3 * total
+    patch_embed = 2 * v.num_patches * 3 * v.patch_size ** 2 * v.width
+    return 3 * total + 2 * patch_embed
 
 
 def peak_flops() -> float | None:

@@ -213,15 +213,17 @@ def param_kind(name: str, p: torch.nn.Parameter) -> str:
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
     """AdamW with up to six param groups: (dense | expert | router) x (decay | no decay).
-    No weight decay on gains, biases, class/positional embeddings of rank < 2 and the logit
-    scale/bias. Each group carries ``lr_mult``; ``set_lr`` applies it."""
+    As open_clip: no weight decay on gains, biases (the experts' stacked ``b1``/``b2`` too),
+    the class embedding and the logit scale/bias. Each group carries ``lr_mult``; ``set_lr``
+    applies it."""
     t = cfg.train
     mult = {"dense": 1.0, "expert": t.lr_mult_experts, "router": t.lr_mult_routers}
     groups: dict[tuple[str, bool], list] = {}
     for name, p in unwrap(model).named_parameters():
         if not p.requires_grad:
             continue
-        decay = p.ndim >= 2 and "logit_" not in name
+        decay = (p.ndim >= 2 and "logit_" not in name
+                 and not name.endswith(("bias", "experts.b1", "experts.b2")))
         groups.setdefault((param_kind(name, p), decay), []).append(p)
     param_groups = [{"params": ps, "weight_decay": t.weight_decay if decay else 0.0,
                      "lr_mult": mult[kind], "name": f"{kind}_{'decay' if decay else 'no_decay'}"}
