@@ -2,7 +2,8 @@
 """Write WebDataset shards in UpCLIP's sample format (trainer/data/README.md).
 
   python tools/make_shards.py synthetic --out data/scenes --count 2000 --seed 0
-  python tools/make_shards.py fashion-mnist --out data/fmnist-train --split train --count 10000
+  python tools/make_shards.py fashion-mnist --out data/fmnist-train --split train --count 10000 \
+      [--regions box]
   python tools/make_shards.py fashion-mnist --out data/fmnist-eval --split test
   python tools/make_shards.py folder --out data/mine --images imgs/ --captions caps.csv \
       [--regions regions.jsonl]
@@ -52,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--size", type=int, default=64, help="upscaled image side in pixels")
     f.add_argument("--root", default=sources.FASHION_MNIST_ROOT)
     f.add_argument("--format", choices=("jpg", "png", "webp"), default="png")
+    f.add_argument("--regions", choices=("none", "box"), default="none",
+                   help="box: one region per image, the garment's tight box with the caption")
 
     d = sub.add_parser("folder", help="a folder of images + captions CSV/JSONL (+ region JSONL)")
     common(d, "shard", 1000)
@@ -82,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.source == "fashion-mnist":
         total = args.count or (60000 if args.split == "train" else 10000) - args.offset
         samples = sources.fashion_mnist(args.split, args.count, args.offset, args.size, args.root,
-                                        args.format)
+                                        args.format, args.regions)
         info.update(split=args.split, classnames=list(sources.FASHION_MNIST_CLASSES),
                     template=sources.FASHION_MNIST_TEMPLATE, size=args.size)
     else:

@@ -179,3 +179,23 @@ def test_add_regions_round_trip(tmp_path, capsys):
     # refuses to overwrite
     assert add_regions.main(["--shards", str(src), "--regions", str(tmp_path / "pseudo.jsonl"),
                              "--out", str(out), "--quiet"]) == 2
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_ROOT),
+                    reason="Debian dataset-fashion-mnist not installed (apt-packages.txt)")
+def test_fashion_mnist_box_regions(tmp_path):
+    """--regions box: one region per image, the garment's tight box (by hand with numpy)."""
+    out = tmp_path / "fm"
+    assert make_shards.main(["fashion-mnist", "--count", "4", "--size", "32", "--regions", "box",
+                             "--out", str(out), "--quiet"]) == 0
+    areas = []
+    for s in _samples(str(out / json.loads((out / "dataset.json").read_text())["pattern"])):
+        meta = json.loads(s["json"])
+        a = np.asarray(Image.open(io.BytesIO(s["png"])).convert("L"))
+        ys, xs = np.nonzero(a)
+        (region,) = meta["regions"]
+        assert region["bbox"] == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+        assert region["caption"] == meta["caption"] == s["txt"].decode()
+        x0, y0, x1, y1 = region["bbox"]
+        areas.append((x1 - x0) * (y1 - y0))
+    assert all(0 < a for a in areas) and min(areas) < 32 * 32  # real boxes, not the frame

@@ -119,13 +119,26 @@ def _read_idx(path: str) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
+def garment_box(img: Image.Image) -> list[float] | None:
+    """Tight box (xyxy pixels, exclusive end) of the non-black pixels; None if all black."""
+    a = np.asarray(img.convert("L"))
+    ys, xs = np.nonzero(a > 0)
+    if not len(xs):
+        return None
+    return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+
+
 def fashion_mnist(split: str = "train", count: int = 0, offset: int = 0, size: int = 64,
-                  root: str = FASHION_MNIST_ROOT, fmt: str = "png") -> Iterator[dict]:
+                  root: str = FASHION_MNIST_ROOT, fmt: str = "png",
+                  regions: str = "none") -> Iterator[dict]:
     """Real Fashion-MNIST images upscaled to `size` RGB, captioned "a photo of a {class}".
 
     Every sample carries its label in `.cls` and in the JSON ("label", "class_name"), so the
-    test split serves as a class-labelled zero-shot eval split.
+    test split serves as a class-labelled zero-shot eval split. ``regions="box"`` adds one
+    region per image: the garment's tight box with the caption, for CLOC training.
     """
+    if regions not in ("none", "box"):
+        raise ValueError(f"regions={regions!r}: expected none or box")
     if split not in _FMNIST_FILES:
         raise ValueError(f"split={split!r}: expected train or test")
     img_file, lbl_file = (os.path.join(root, f) for f in _FMNIST_FILES[split])
@@ -139,8 +152,12 @@ def fashion_mnist(split: str = "train", count: int = 0, offset: int = 0, size: i
         name = FASHION_MNIST_CLASSES[label]
         img = Image.fromarray(images[i], "L").resize((size, size), Image.BICUBIC).convert("RGB")
         caption = FASHION_MNIST_TEMPLATE.format(name)
+        meta = {"caption": caption, "label": label, "class_name": name}
+        box = garment_box(img) if regions == "box" else None
+        if box is not None:
+            meta["regions"] = [{"bbox": box, "caption": caption, "score": 1.0}]
         yield {"__key__": f"fmnist_{split}_{i:05d}", fmt: _encode(img, fmt), "txt": caption,
-               "json": {"caption": caption, "label": label, "class_name": name}, "cls": label}
+               "json": meta, "cls": label}
 
 
 # ----------------------------------------------------------------------------- a folder of images
