@@ -74,3 +74,11 @@ def test_data_section_errors_name_key():
     with pytest.raises(ConfigError, match="data.tokenizer.context_length=77 != "
                                           "model.text.context_length=16"):
         load_config(None, ["data.train_urls=/x/{000..001}.tar"])
+
+
+def test_float_without_dot():
+    """YAML 1.1 reads 1e-4 as a string; float fields accept it (users write lr=1e-4)."""
+    cfg = load_config(None, ["train.lr=1e-4", "train.eps=2E-8"])
+    assert cfg.train.lr == 1e-4 and cfg.train.eps == 2e-8
+    with pytest.raises(ConfigError, match="train.lr='fast': expected float"):
+        load_config(None, ["train.lr=fast"])

@@ -1,0 +1,205 @@
+"""The training job end to end on CPU (torchrun, 2 ranks, gloo, fp32), on the smoke config.
+
+- Golden curve: the first steps of configs/smoke.yaml, dense (DP=2) then upcycled to MoE
+  (E=4, top-2, EP=2) with the CLOC region loss, on Fashion-MNIST shards, match the stored
+  losses (tests/assets/smoke_golden.json) within 1e-3 absolute. The same machine reproduces
+  them exactly; the tolerance leaves room for other CPUs' float kernels. Rewrite the file with
+  UPCLIP_WRITE_GOLDEN=1 after a deliberate change in numerics, and say so in the commit.
+- Resume exactness: a rank killed with SIGKILL mid-run, the job restarted: every step's loss
+  after the restart equals the uninterrupted run's within 1e-6 (measured: identical).
+- SIGUSR1 to one rank: both ranks finish the step, save, exit with EXIT_REQUEUE (3); the
+  restarted job continues to the same losses (1e-6).
+- One process: SIGUSR1 gives exit code 3; a run whose loss goes non-finite skips its steps
+  and aborts with exit code 4 after train.max_nonfinite_steps.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from launcher import ROOT, clean_env, torchrun_cmd
+
+GOLDEN = ROOT / "tests/assets/smoke_golden.json"
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from trainer.data import sources
+    from trainer.data.writer import write_shards
+
+    root = tmp_path_factory.mktemp("fmnist")
+    for d in ("train", "eval"):
+        (root / d).mkdir()
+    write_shards(sources.fashion_mnist("train", count=512, regions="box"), root / "train",
+                 "fmnist", 128)
+    write_shards(sources.fashion_mnist("test", count=128), root / "eval", "fmnist", 128,
+                 info={"classnames": list(sources.FASHION_MNIST_CLASSES)})
+    return root
+
+
+def overrides(shards, out: Path, **kw) -> list[str]:
+    o = {"data.train_urls": shards / "train", "data.eval_urls": shards / "eval",
+         "run_dir": out, "checkpoint.save_dir": out / "ckpt", "train.steps": STEPS,
+         "train.log_every": 1, "train.progress_bar": "false", "train.tensorboard": "false",
+         "data.eval_batch_size": 64, "eval.max_batches": 1, **kw}
+    return [f"{k}={v}" for k, v in o.items()]
+
+
+def start(cmd: list[str]) -> subprocess.Popen:
+    """In its own session, output to a file: a rank killed with SIGKILL can leave helper
+    processes behind (DataLoader workers, torch_dist's multiprocessing manager) that would
+    hold a pipe open; ``finish`` kills the whole session."""
+    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"upclip-run-{time.time_ns()}.log", "w+")
+    proc = subprocess.Popen(cmd, env=clean_env(), cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc.log = log
+    return proc
+
+
+def launch(args: list[str], nproc: int = 2) -> subprocess.Popen:
+    return start(torchrun_cmd(nproc, "-m", "trainer.train", "--config",
+                              str(ROOT / "configs/smoke.yaml"), *args))
+
+
+def output(proc: subprocess.Popen) -> str:
+    proc.log.flush()
+    proc.log.seek(0)
+    return proc.log.read()
+
+
+def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    out = output(proc)
+    proc.log.close()
+    os.unlink(proc.log.name)
+    return proc.returncode, out
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss; a step logged twice (before a crash and after the restart) keeps the
+    later value."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if (run_dir / "metrics.jsonl").is_file() and step in losses(run_dir):
+            return
+        assert proc.poll() is None, f"run ended before step {step}: {output(proc)[-3000:]}"
+        time.sleep(0.05)
+    raise TimeoutError(f"step {step} not logged in {timeout}s")
+
+
+def rank_pid(proc: subprocess.Popen, rank: int) -> int:
+    for child in psutil.Process(proc.pid).children():
+        if child.environ().get("RANK") == str(rank):
+            return child.pid
+    raise LookupError(f"no rank {rank} under torchrun {proc.pid}")
+
+
+MOE_OFF = {"model.vision.moe.num_experts": 0, "model.text.moe.num_experts": 0, "parallel.ep": 1}
+
+
+@pytest.fixture(scope="module")
+def runs(shards, tmp_path_factory):
+    """The dense phase and the uninterrupted MoE reference run (both on the golden curve)."""
+    base = tmp_path_factory.mktemp("runs")
+    rc, out = finish(launch(overrides(shards, base / "dense", **MOE_OFF)))
+    assert rc == 0, out[-4000:]
+    dense_ckpt = base / "dense/ckpt"
+    rc, out = finish(launch(overrides(shards, base / "moe", **{
+        "checkpoint.upcycle_from": dense_ckpt, "checkpoint.save_every": 2})))
+    assert rc == 0, out[-4000:]
+    return base, dense_ckpt
+
+
+def test_golden_curve(runs):
+    base, _ = runs
+    got = {"dense": losses(base / "dense"), "moe": losses(base / "moe")}
+    got = {k: [v[s] for s in range(1, STEPS + 1)] for k, v in got.items()}
+    if os.environ.get("UPCLIP_WRITE_GOLDEN"):
+        GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+        GOLDEN.write_text(json.dumps(got, indent=1) + "\n")
+    golden = json.loads(GOLDEN.read_text())
+    for phase in ("dense", "moe"):
+        diffs = [abs(a - b) for a, b in zip(got[phase], golden[phase])]
+        assert len(got[phase]) == len(golden[phase]) and max(diffs) <= 1e-3, (phase, got, golden)
+    # the upcycled model starts where the dense one stopped: its eval before training equals
+    # the dense model's final eval (function preservation through the whole job)
+    ev = lambda d: [json.loads(x) for x in (base / d / "metrics.jsonl").read_text().splitlines()
+                    if "eval/zero_shot_top1" in x]  # noqa: E731
+    assert ev("moe")[0]["step"] == 0
+    assert ev("moe")[0]["eval/zero_shot_top1"] == ev("dense")[-1]["eval/zero_shot_top1"]
+
+
+def test_resume_after_kill9(runs, shards, tmp_path):
+    base, dense_ckpt = runs
+    args = overrides(shards, tmp_path, **{"checkpoint.upcycle_from": dense_ckpt,
+                                          "checkpoint.save_every": 2})
+    proc = launch(args)
+    wait_for_step(tmp_path, 5, proc)
+    os.kill(rank_pid(proc, 1), signal.SIGKILL)
+    rc, out = finish(proc)
+    assert rc != 0, out[-3000:]
+    latest = (tmp_path / "ckpt/latest").read_text().strip()
+    assert latest in ("step_00000004", "step_00000006"), latest
+    rc, out = finish(launch(args))  # the same command: resumes from ckpt/latest
+    assert rc == 0, out[-4000:]
+    assert "resumed from" in out
+    ref, got = losses(base / "moe"), losses(tmp_path)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert max(abs(got[s] - ref[s]) for s in ref) <= 1e-6, (got, ref)
+
+
+def test_sigusr1_saves_and_requeues(runs, shards, tmp_path):
+    base, dense_ckpt = runs
+    args = overrides(shards, tmp_path, **{"checkpoint.upcycle_from": dense_ckpt})
+    proc = launch(args)
+    wait_for_step(tmp_path, 3, proc)
+    os.kill(rank_pid(proc, 0), signal.SIGUSR1)  # one rank only: the ranks must agree
+    rc, out = finish(proc)
+    assert rc != 0 and "exit 3 to be requeued" in out, out[-3000:]
+    stopped = int((tmp_path / "ckpt/latest").read_text().strip().split("_")[1])
+    assert 3 <= stopped < STEPS
+    rc, out = finish(launch(args))
+    assert rc == 0, out[-4000:]
+    ref, got = losses(base / "moe"), losses(tmp_path)
+    assert max(abs(got[s] - ref[s]) for s in ref) <= 1e-6, (got, ref)
+
+
+def single(args: list[str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "trainer.train", "model.preset=tiny", "train.log_every=1",
+           "train.progress_bar=false", "train.tensorboard=false", *args]
+    return start(cmd)
+
+
+def test_single_process_exit_codes(tmp_path):
+    # SIGUSR1: save at the end of the step, exit 3
+    proc = single([f"run_dir={tmp_path / 'sig'}", f"checkpoint.save_dir={tmp_path / 'sig/ckpt'}",
+                   "train.steps=1000"])
+    wait_for_step(tmp_path / "sig", 2, proc)
+    proc.send_signal(signal.SIGUSR1)
+    rc, out = finish(proc)
+    assert rc == 3, out[-3000:]
+    assert (tmp_path / "sig/ckpt/latest").is_file()
+    # an absurd learning rate: the loss goes non-finite, steps are skipped, then exit 4
+    rc, out = finish(single([f"run_dir={tmp_path / 'nan'}", "train.steps=50", "train.lr=1.0e+30",
+                             "train.grad_clip=0", "train.max_nonfinite_steps=3"]))
+    assert rc == 4 and "3 steps in a row" in out, out[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "nan/metrics.jsonl").read_text().splitlines()]
+    assert rows and all(r["step"] < 50 for r in rows)
