@@ -118,6 +118,11 @@ def _patch_megatron() -> None:
             mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
     mrandom.initialize_rng_tracker = initialize_rng_tracker
+    # activation recompute saves and restores "the CUDA RNG": here it is the CPU generator
+    mrandom._get_cuda_rng_state = lambda device=-1, clone=False, graph_safe=False: (
+        torch.get_rng_state())
+    mrandom._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: (
+        torch.set_rng_state(new_state))
     mrandom._CUDA_RNG_STATE_TRACKER = None
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = False
     initialize_rng_tracker()
