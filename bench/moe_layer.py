@@ -53,6 +53,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from bench.hostinfo import cpu_model  # noqa: E402
+
 TARGET_RATIO = 1.3
 # (name, d_model, ffn, tokens per image)
 SHAPES = {"vit-b-16": (768, 3072, 197), "vit-l-14": (1024, 4096, 257)}
@@ -274,14 +276,7 @@ def profile_case(fn, device: str, top: int = 15) -> dict:
 def device_description(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_model()
 
 
 def hidden_shape(args, seq: int) -> tuple[int, int]:

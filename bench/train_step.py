@@ -39,6 +39,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from bench.hostinfo import cpu_model  # noqa: E402
+
 # A CPU-sized ViT (image 64, patch 8: 65 tokens) and a 32-token text tower; --preset vit-b-16
 # for the real thing on a GPU.
 PRESETS = {
@@ -168,8 +170,7 @@ def main() -> int:
         cases[name]["vs_dense"] = cases[name]["step_ms_median"] / cases["dense"]["step_ms_median"]
     name = (torch.cuda.get_device_name() if device.type == "cuda"
             else (platform.processor() or "cpu"))
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
-                if ln.startswith("model name")), name) if device.type == "cpu" else name
+    cpu = cpu_model() if device.type == "cpu" else name
     from importlib.metadata import version
     result = {
         "benchmark": "train_step", "device": cpu, "device_type": device.type,

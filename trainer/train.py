@@ -91,9 +91,16 @@ class Batches:
         return 0 if self.loader is None else self.loader.counters.skipped()
 
 
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v
-            for k, v in batch.items()}
+def to_device(batch: dict, device, cfg: Config) -> dict:
+    """The batch on ``device``; uint8 images (``data.normalize=device``) CLIP-normalised there."""
+    from trainer.data.normalize import normalize_on_device
+
+    out = {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v
+           for k, v in batch.items()}
+    if "images" in out:
+        a = cfg.data.augment
+        out["images"] = normalize_on_device(out["images"], a.mean, a.std)
+    return out
 
 
 def parse_args(argv):
@@ -205,7 +212,7 @@ def run(cfg: Config, launch, layout: ParallelLayout) -> dict:
     while step < t.steps:
         step += 1
         ts = time.time()
-        microbatches = [to_device(b, device) for b in batches.next(step)]
+        microbatches = [to_device(b, device, cfg) for b in batches.next(step)]
         lr = S.lr_at(step, t)
         S.set_lr(optimizer, lr)
         out = S.forward_backward(ddp, microbatches, cfg)

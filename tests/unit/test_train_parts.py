@@ -143,6 +143,9 @@ def test_zero_shot_matches_hand_computation(dist1, tmp_path):
             total += len(batch["labels"])
     assert total == 40 and got["zero_shot_top1"] == pytest.approx(hits / total, abs=1e-12)
     assert got["zero_shot_top5"] >= got["zero_shot_top1"]
+    # uint8 batches normalised on the device give the same result
+    cfg.data.normalize = "device"
+    assert zero_shot_accuracy(wrap_ddp(model), cfg, dist1, tok) == got
 
 
 def test_metrics_logger_and_moe_stats(dist1, tmp_path):

@@ -18,6 +18,7 @@ _EXPORTS = {
     "build_eval_loader": "trainer.data.pipeline",
     "data_parallel_rank_world": "trainer.data.pipeline",
     "expand_urls": "trainer.data.urls",
+    "normalize_on_device": "trainer.data.normalize",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,51 +1,64 @@
 """Raw sample -> training example -> fixed-shape batch.
 
 A batch is a dict of tensors (B = batch size, R = data.max_regions, L = context length):
-  images        [B, 3, S, S] float32, CLIP-normalised
+  images        [B, 3, S, S] float32, CLIP-normalised (data.normalize=loader, the default), or
+                uint8 0..255 RGB (data.normalize=device: call normalize_on_device on the device)
   text          [B, L] int64, one eot per row
   region_boxes  [B, R, 4] float32, xyxy normalised to [0, 1] of the output image (0 if absent)
   region_text   [B, R, L] int64 (absent regions hold the tokens of "", so still one eot per row)
   region_mask   [B, R] bool, True where a region is present
   labels        [B] int64, class label of eval splits (-1 if none)
   keys          list[str] of sample keys
+
+Collation writes every example straight into its slot of the batch tensors (in a DataLoader
+worker those are allocated in shared memory, so handing the batch over copies nothing).
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.utils.data import get_worker_info
 
 from trainer.data.counters import DataCounters
 from trainer.data.schema import SkipSample, decode_sample
 from trainer.data.tokenizer import Tokenizer
-from trainer.data.transforms import ImageTransform
+from trainer.data.transforms import ImageTransform, Placement
 
 
 @dataclass
 class Example:
     key: str
-    image: torch.Tensor          # [3, S, S]
+    pixels: torch.Tensor         # [3, S, S] uint8
     boxes: np.ndarray            # [k, 4] normalised xyxy, k <= R
-    tokens: torch.Tensor         # [1 + k, L]: caption then region captions
+    tokens: list[tuple[int, ...]]  # 1 + k unpadded rows: caption then region captions
     label: int
 
 
 class SampleProcessor:
-    """Decode, transform (boxes move with the image), keep up to R regions, tokenize."""
+    """Decode, transform (boxes move with the image), keep up to R regions, tokenize, collate."""
 
-    def __init__(self, transform: ImageTransform, tokenizer: Tokenizer, max_regions: int):
+    def __init__(self, transform: ImageTransform, tokenizer: Tokenizer, max_regions: int,
+                 normalize: str = "loader"):
+        if normalize not in ("loader", "device"):
+            raise ValueError(f"data.normalize={normalize!r}: expected loader or device")
         self.transform = transform
         self.tokenizer = tokenizer
         self.max_regions = max_regions
+        self.normalize = normalize
+        self.empty_row = tokenizer.row_ids("")  # sot, eot
 
     def __call__(self, raw: dict, counters: DataCounters, rng: random.Random | None) -> Example | None:
         """The example, or None when the sample is skipped (counted in `counters`)."""
         where = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
         try:
-            d = decode_sample(raw, counters, want_regions=self.max_regions > 0)
-            image, boxes, keep = self.transform(d.image, d.boxes, rng)
+            d = decode_sample(raw, counters, want_regions=self.max_regions > 0,
+                              load=lambda img: self.transform.place(img, rng))
+            placed: Placement = d.image
+            boxes, keep = self.transform.boxes(placed, d.boxes)
         except SkipSample as e:
             counters.record(e.reason, where, e.detail)
             return None
@@ -62,29 +75,60 @@ class SampleProcessor:
             order = sorted(range(len(captions)), key=lambda i: -scores[i])[: self.max_regions]
             order.sort()  # keep the stored order among the chosen ones
             boxes, captions = boxes[order], [captions[i] for i in order]
-        tokens = self.tokenizer([d.caption] + captions)  # [1 + k, L]
+        tokens = [self.tokenizer.row_ids(t) for t in [d.caption] + captions]
         counters.ok()
-        return Example(d.key, image, boxes, tokens, d.label)
+        return Example(d.key, placed.pixels, boxes / float(self.transform.size), tokens, d.label)
+
+    def collate(self, examples: list[Example]) -> dict:
+        """Stack examples into the fixed-shape batch described in the module docstring."""
+        B, R, L, S = len(examples), self.max_regions, self.tokenizer.context_length, self.transform.size
+        pad = self.tokenizer.pad_token_id
+        loader_norm = self.normalize == "loader"
+        images = _empty((B, 3, S, S), torch.float32 if loader_norm else torch.uint8)
+        text = _empty((B, L), torch.int64)
+        region_text = _empty((B, R, L), torch.int64)
+        region_boxes = _empty((B, R, 4), torch.float32)
+        region_mask = _empty((B, R), torch.bool)
+        labels = _empty((B,), torch.int64)
+        text_np, rtext_np = text.numpy(), region_text.numpy()
+        boxes_np, mask_np = region_boxes.numpy(), region_mask.numpy()
+        text_np.fill(pad)
+        rtext_np.fill(pad)
+        rtext_np[:, :, : len(self.empty_row)] = self.empty_row
+        boxes_np.fill(0.0)
+        mask_np.fill(False)
+        for b, ex in enumerate(examples):
+            if loader_norm:
+                self.transform.normalize(ex.pixels, out=images[b])
+            else:
+                images[b].copy_(ex.pixels)
+            row = ex.tokens[0]
+            text_np[b, : len(row)] = row
+            k = len(ex.boxes)
+            if k:
+                boxes_np[b, :k] = ex.boxes
+                mask_np[b, :k] = True
+                for r, row in enumerate(ex.tokens[1:]):  # never shorter than the empty row
+                    rtext_np[b, r, : len(row)] = row
+        labels.numpy()[:] = [ex.label for ex in examples]
+        return {
+            "images": images,               # [B, 3, S, S] float32 (loader) | uint8 (device)
+            "text": text,                   # [B, L]
+            "region_boxes": region_boxes,   # [B, R, 4]
+            "region_text": region_text,     # [B, R, L]
+            "region_mask": region_mask,     # [B, R]
+            "labels": labels,               # [B]
+            "keys": [ex.key for ex in examples],
+        }
 
 
-def collate(examples: list[Example], max_regions: int, empty_tokens: torch.Tensor) -> dict:
-    """Stack examples into the fixed-shape batch described in the module docstring."""
-    B, R, L = len(examples), max_regions, empty_tokens.shape[-1]
-    region_boxes = torch.zeros(B, R, 4, dtype=torch.float32)
-    region_text = empty_tokens.view(1, 1, L).repeat(B, R, 1)
-    region_mask = torch.zeros(B, R, dtype=torch.bool)
-    for b, ex in enumerate(examples):
-        k = len(ex.boxes)
-        if k:
-            region_boxes[b, :k] = torch.from_numpy(ex.boxes.astype(np.float32))
-            region_text[b, :k] = ex.tokens[1:]
-            region_mask[b, :k] = True
-    return {
-        "images": torch.stack([ex.image for ex in examples]),     # [B, 3, S, S]
-        "text": torch.stack([ex.tokens[0] for ex in examples]),   # [B, L]
-        "region_boxes": region_boxes,                             # [B, R, 4]
-        "region_text": region_text,                               # [B, R, L]
-        "region_mask": region_mask,                               # [B, R]
-        "labels": torch.tensor([ex.label for ex in examples], dtype=torch.long),  # [B]
-        "keys": [ex.key for ex in examples],
-    }
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor; in a DataLoader worker, in shared memory (as default_collate)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)  # private, as in torch's collate
+    if new_shared is None:  # pragma: no cover - a torch without it: the hand-over copies once
+        return torch.empty(shape, dtype=dtype)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    storage = new_shared(max(1, math.prod(shape)) * itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)

@@ -39,6 +39,11 @@ class AugmentConfig:
     # it is at least `min_box_size` output pixels wide and high.
     min_box_visibility: float = 0.5
     min_box_size: float = 2.0
+    # Decode JPEGs at a reduced size (libjpeg DCT scaling by 1/2, 1/4 or 1/8) when the crop
+    # still has at least S x S decoded pixels: the resize then starts from fewer pixels. The
+    # crop and the boxes are computed in stored-image pixels either way; only the pixel values
+    # differ slightly (DCT-domain downscaling instead of the resize filter). false: full decode.
+    jpeg_draft: bool = True
 
     def validate(self, key: str) -> None:
         if not 0 < self.scale_min <= self.scale_max <= 1:
@@ -85,6 +90,11 @@ class DataConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     max_regions: int = 0              # R: region boxes/captions per image (0: global loss only)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    # Where images are CLIP-normalised. "loader": batch["images"] is float32, normalised by the
+    # data workers. "device": batch["images"] stays uint8 [B, 3, S, S] (4x less to collate,
+    # pin and copy); the training step calls `trainer.data.normalize_on_device(images, mean,
+    # std)` with data.augment.mean / std after moving the batch to the accelerator.
+    normalize: str = "loader"         # "loader" | "device"
 
     def validate(self, key: str = "data") -> None:
         for name in ("batch_size", "image_size", "prefetch_factor"):
@@ -96,6 +106,8 @@ class DataConfig:
         if self.resampled and self.batches_per_epoch <= 0:
             raise DataConfigError(f"{key}.resampled=true needs {key}.batches_per_epoch > 0 "
                                   f"(got {self.batches_per_epoch})")
+        if self.normalize not in ("loader", "device"):
+            raise DataConfigError(f"{key}.normalize={self.normalize!r}: expected loader or device")
         if self.tokenizer.kind not in ("clip_bpe", "sentencepiece"):
             raise DataConfigError(f"{key}.tokenizer.kind={self.tokenizer.kind!r}: expected "
                                   "clip_bpe or sentencepiece")

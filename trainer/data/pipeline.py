@@ -22,7 +22,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from trainer.data.collate import SampleProcessor, collate
+from trainer.data.collate import SampleProcessor
 from trainer.data.config import DataConfig
 from trainer.data.counters import DataCounters
 from trainer.data.stream import Cursor, SampleStream, mix_seed, worker_shards
@@ -54,7 +54,6 @@ class ShardDataset(IterableDataset):
         self.resampled, self.train = resampled, train
         self.epoch = 0
         self.cursors = [Cursor() for _ in range(self.num_workers)]
-        self.empty_tokens = processor.tokenizer([""])[0]  # [L]: sot, eot, pad...
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -92,11 +91,11 @@ class ShardDataset(IterableDataset):
                 batch.append(ex)
                 if len(batch) == self.batch_size:
                     batches += 1
-                    yield item("batch", False, collate(batch, self.processor.max_regions, self.empty_tokens))
+                    yield item("batch", False, self.processor.collate(batch))
                     batch = []
             if batch and not self.drop_last:
                 batches += 1
-                yield item("batch", False, collate(batch, self.processor.max_regions, self.empty_tokens))
+                yield item("batch", False, self.processor.collate(batch))
         yield item("end", True)
 
 
@@ -232,8 +231,9 @@ def _processor(cfg: DataConfig, train: bool, tokenizer: Tokenizer | None) -> Sam
         size=cfg.image_size, train=train, scale=(a.scale_min, a.scale_max),
         ratio=(a.ratio_min, a.ratio_max), hflip_prob=a.hflip_prob, interpolation=a.interpolation,
         mean=tuple(a.mean), std=tuple(a.std), min_visibility=a.min_box_visibility,
-        min_size=a.min_box_size)
-    return SampleProcessor(transform, tokenizer or build_tokenizer(cfg.tokenizer), cfg.max_regions)
+        min_size=a.min_box_size, jpeg_draft=a.jpeg_draft)
+    return SampleProcessor(transform, tokenizer or build_tokenizer(cfg.tokenizer), cfg.max_regions,
+                           cfg.normalize)
 
 
 def build_train_loader(cfg: DataConfig, rank: int, world: int,

@@ -10,6 +10,7 @@ import io
 import json
 import math
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
@@ -29,26 +30,43 @@ class SkipSample(Exception):
 @dataclass
 class Decoded:
     key: str
-    image: Image.Image                      # RGB
+    image: Any                              # RGB PIL image, or what `decode_sample(load=...)` made
     caption: str
-    boxes: np.ndarray                       # [n, 4] float64 xyxy pixels of `image`
+    boxes: np.ndarray                       # [n, 4] float64 xyxy pixels of the stored image
     region_captions: list[str] = field(default_factory=list)
     region_scores: list[float] = field(default_factory=list)
     label: int = -1                         # class label for eval splits (.cls or json "label")
 
 
-def decode_image(data: bytes) -> Image.Image:
+def open_image(data: bytes) -> Image.Image:
+    """Open an image from its bytes, reading the header only (size, mode, format)."""
     if not data:
         raise SkipSample("corrupt_image", "empty file")
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()  # full decode now: truncated files fail here, not later
-            img = im.convert("RGB")
+        img = Image.open(io.BytesIO(data))
     except Exception as e:  # PIL raises OSError, SyntaxError, DecompressionBombError, ...
         raise SkipSample("corrupt_image", f"{type(e).__name__}: {e}") from None
     if img.width < 1 or img.height < 1:
         raise SkipSample("corrupt_image", f"size {img.size}")
     return img
+
+
+def load_rgb(img: Image.Image) -> Image.Image:
+    """Decode the pixels of an opened image (now: truncated files fail here) as RGB."""
+    try:
+        img.load()
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+    except SkipSample:
+        raise
+    except Exception as e:
+        raise SkipSample("corrupt_image", f"{type(e).__name__}: {e}") from None
+    return img
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """The fully decoded RGB image of `data` (SkipSample("corrupt_image") when it fails)."""
+    return load_rgb(open_image(data))
 
 
 def _text(data: bytes | None) -> str:
@@ -117,7 +135,12 @@ def parse_regions(meta: dict, width: int, height: int, counters: DataCounters, w
     return arr, caps, scores
 
 
-def decode_sample(raw: dict, counters: DataCounters, want_regions: bool = True) -> Decoded:
+def decode_sample(raw: dict, counters: DataCounters, want_regions: bool = True,
+                  load: Callable[[Image.Image], Any] = load_rgb) -> Decoded:
+    """Decode one raw sample. `load` turns the opened image (header read, pixels not yet
+    decoded) into `Decoded.image`; it runs before the regions are parsed, against the stored
+    image size, and may raise SkipSample (the pipeline passes a transform that decodes at the
+    resolution its crop needs)."""
     key = raw.get("__key__", "?")
     where = f"{raw.get('__url__', '?')}:{key}"
     image_bytes = next((raw[e] for e in IMAGE_EXTS if e in raw), None)
@@ -129,7 +152,9 @@ def decode_sample(raw: dict, counters: DataCounters, want_regions: bool = True) 
         caption = meta["caption"].strip()
     if not caption:
         raise SkipSample("missing_caption")
-    image = decode_image(image_bytes)
+    opened = open_image(image_bytes)
+    width, height = opened.size
+    image = load(opened)
     label = -1
     if "cls" in raw:
         try:
@@ -139,7 +164,7 @@ def decode_sample(raw: dict, counters: DataCounters, want_regions: bool = True) 
     elif isinstance(meta.get("label"), int) and not isinstance(meta.get("label"), bool):
         label = meta["label"]
     if want_regions and meta.get("regions") is not None:
-        boxes, caps, scores = parse_regions(meta, image.width, image.height, counters, where)
+        boxes, caps, scores = parse_regions(meta, width, height, counters, where)
     else:
         boxes, caps, scores = np.zeros((0, 4)), [], []
     return Decoded(key, image, caption, boxes, caps, scores, label)

@@ -2,6 +2,9 @@
 
 Both return a LongTensor [n, context_length] in which every row holds exactly one eot token
 (the text tower pools at the first eot position), even when the text was truncated.
+
+Rows are cached per text (an LRU of `ROW_CACHE_SIZE` texts per tokenizer and process): region
+captions and class prompts repeat; unique web captions still profit from the per-word BPE cache.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import importlib.util
 import os
 from functools import lru_cache
 
+import numpy as np
 import torch
 
 from trainer.data.config import TokenizerConfig  # noqa: F401  (re-exported)
@@ -27,6 +31,7 @@ except ImportError:  # pragma: no cover - exercised only where ftfy is absent
 
 CLIP_VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 _NUM_MERGES = 49152 - 256 - 2  # the CLIP vocab uses the first 48894 merges of the file
+ROW_CACHE_SIZE = 1 << 14
 
 
 class Tokenizer:
@@ -38,23 +43,46 @@ class Tokenizer:
     pad_token_id: int
     context_length: int
 
+    _NOT_PICKLED: tuple[str, ...] = ("_rows",)
+
     def encode(self, text: str) -> list[int]:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def row_ids(self, text: str) -> tuple[int, ...]:
+        """The ids of one row before padding: framed (sot ... eot), truncated to the context
+        length with the eot kept last. Cached per text."""
+        rows = self.__dict__.get("_rows")
+        if rows is None:
+            rows = self._rows = lru_cache(maxsize=ROW_CACHE_SIZE)(self._row_ids_uncached)
+        return rows(text)
+
+    def _row_ids_uncached(self, text: str) -> tuple[int, ...]:
+        ids = self._frame(self.encode(text))
+        if len(ids) > self.context_length:  # truncate, keeping the eot as the last token
+            ids = ids[: self.context_length - 1] + [self.eot_token_id]
+        return tuple(ids)
+
+    def rows(self, texts: list[str]) -> np.ndarray:
+        """int64 [n, L] padded rows."""
+        out = np.full((len(texts), self.context_length), self.pad_token_id, dtype=np.int64)
+        for row, text in enumerate(texts):
+            ids = self.row_ids(text)
+            out[row, : len(ids)] = ids
+        return out
 
     def __call__(self, texts: list[str] | str) -> torch.Tensor:
         if isinstance(texts, str):
             texts = [texts]
-        L = self.context_length
-        out = torch.full((len(texts), L), self.pad_token_id, dtype=torch.long)  # [n, L]
-        for row, text in enumerate(texts):
-            ids = self._frame(self.encode(text))
-            if len(ids) > L:  # truncate, keeping the eot as the last token
-                ids = ids[: L - 1] + [self.eot_token_id]
-            out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        return out
+        return torch.from_numpy(self.rows(texts))  # [n, L]
 
     def _frame(self, ids: list[int]) -> list[int]:
         return [self.sot_token_id, *ids, self.eot_token_id]
+
+    def __getstate__(self):  # caches (lru_cache objects) do not pickle: rebuilt on use
+        state = self.__dict__.copy()
+        for name in self._NOT_PICKLED:
+            state.pop(name, None)
+        return state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,10 +117,15 @@ def _byte_alphabet() -> tuple[list[str], list[int]]:
 
 
 def _clean(text: str) -> str:
-    """open_clip's "lower" cleaning: ftfy fix, double html unescape, collapse whitespace, lower."""
-    if _ftfy is not None:
-        text = _ftfy.fix_text(text)
-    text = html.unescape(html.unescape(text)).strip()
+    """open_clip's "lower" cleaning: ftfy fix, double html unescape, collapse whitespace, lower.
+
+    Printable ASCII without "&" skips ftfy and unescaping: both leave such text unchanged
+    (ftfy only repairs non-ASCII text, control characters, line breaks and HTML entities).
+    """
+    if not (text.isascii() and text.isprintable() and "&" not in text):
+        if _ftfy is not None:
+            text = _ftfy.fix_text(text)
+        text = html.unescape(html.unescape(text))
     return " ".join(text.split()).lower()
 
 
@@ -166,10 +199,7 @@ class ClipBPETokenizer(Tokenizer):
             ids.extend(self._word_ids(word))
         return [i for i in ids if i < self.sot_token_id]
 
-    def __getstate__(self):  # the per-instance lru_cache does not pickle: rebuild it
-        state = self.__dict__.copy()
-        state.pop("_word_ids")
-        return state
+    _NOT_PICKLED = ("_rows", "_word_ids")
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -244,10 +274,7 @@ class SentencePieceTokenizer(Tokenizer):
             ids = ids[: ids.index(self.eot_token_id)]
         return self.sp.decode([i for i in ids if i != self.sot_token_id])
 
-    def __getstate__(self):  # SentencePieceProcessor pickles poorly across versions: reload
-        state = self.__dict__.copy()
-        state.pop("sp")
-        return state
+    _NOT_PICKLED = ("_rows", "sp")  # SentencePieceProcessor pickles poorly across versions: reload
 
     def __setstate__(self, state):
         import sentencepiece as spm

@@ -4,6 +4,14 @@ Boxes are xyxy in pixels of the current image. Each op maps them with the same a
 affine map as the pixels. `Boxes` keeps two copies: `full` (mapped, never clipped) and `vis`
 (clipped to the image after each crop); `finish` drops a box whose visible part is below a
 fraction of its mapped area or thinner than a few output pixels.
+
+The elementary PIL ops below are the reference. `ImageTransform`, which the pipeline runs, does
+the same geometry in one pass: it chooses the source window (in stored-image pixels) from the
+image size alone, decodes a JPEG only at the resolution that window needs (DCT scaling), and
+resizes the window to S x S with torch's antialiased uint8 kernels (PIL's filters: within 2
+grey levels, a little more on the outermost rows and columns, where PIL's filter also reads
+pixels just outside the window); the boxes take the exact affine map of the pixels that were
+actually resampled.
 """
 from __future__ import annotations
 
@@ -13,7 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
+
+from trainer.data.normalize import normalize_coefficients
+from trainer.data.schema import load_rgb
 
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 
@@ -117,11 +129,57 @@ def sample_crop(width: int, height: int, scale: tuple[float, float], ratio: tupl
 
 # ---------------------------------------------------------------------------- full transforms
 
+DRAFT_SCALES = (8, 4, 2, 1)
+_TORCH_MODE = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest-exact"}
+
+
+def draft_scale(window_w: float, window_h: float, out_w: int, out_h: int) -> int:
+    """The largest JPEG DCT scale 1/k (k in 8, 4, 2, 1) keeping >= out pixels in the window."""
+    for k in DRAFT_SCALES:
+        if window_w / k >= out_w and window_h / k >= out_h:
+            return k
+    return 1
+
+
+def draft_decode(img: Image.Image, k: int) -> tuple[Image.Image, int]:
+    """Ask the JPEG decoder for a 1/k-size decode; (image, the scale it will decode at).
+
+    Decoded pixel i covers stored pixels [i k, (i + 1) k): stored coordinate = k * decoded.
+    Non-JPEG or already loaded images are returned as they are (scale 1).
+    """
+    if k <= 1 or img.format != "JPEG" or getattr(img, "decoderconfig", None):
+        return img, 1
+    w, h = img.size
+    # PIL picks scale = largest power of 2 <= min(w // req_w, h // req_h); w // (w // k) is in [k, 2k)
+    res = img.draft("RGB", (max(1, w // k), max(1, h // k)))
+    if res is None:
+        return img, 1
+    got = round(w / res[1][2])
+    return img, got if got in DRAFT_SCALES else 1
+
+
+@dataclass
+class Placement:
+    """The output pixels and the affine map stored-image pixels -> output pixels."""
+
+    pixels: torch.Tensor   # [3, S, S] uint8
+    sx: float              # x_out = sx * x + tx (before the flip)
+    sy: float
+    tx: float
+    ty: float
+    flip: bool
+    draft: int             # JPEG decode scale 1/draft used
+
+
 @dataclass
 class ImageTransform:
-    """Training (random resized crop + flip) or evaluation (resize + center crop) transform,
-    then CLIP normalisation. Returns the image tensor [3, S, S], the kept boxes normalised to
-    [0, 1] of the output image [k, 4], and the keep mask over the input boxes [n]."""
+    """Training (random resized crop + flip) or evaluation (resize + center crop) transform.
+
+    `place` gives the uint8 output pixels and the map of stored pixels to them; `boxes` maps
+    boxes through it. Calling the transform returns the CLIP-normalised image tensor [3, S, S],
+    the kept boxes normalised to [0, 1] of the output image [k, 4] and the keep mask over the
+    input boxes [n].
+    """
 
     size: int
     train: bool
@@ -133,32 +191,110 @@ class ImageTransform:
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
     min_visibility: float = 0.5
     min_size: float = 2.0
+    jpeg_draft: bool = True
+
+    def window(self, width: int, height: int, rng: random.Random | None
+               ) -> tuple[tuple[float, float, float, float], bool]:
+        """The stored-image rectangle (x0, y0, x1, y1) that becomes the S x S output, and the flip.
+
+        Training: torchvision's random-resized-crop sample, then the flip draw (the RNG is used
+        exactly as by `sample_crop` + `rng.random()`). Evaluation: the window that resizing the
+        short side to S (long side int(S * long / short)) and center-cropping S x S keeps.
+        """
+        S = self.size
+        if self.train:
+            rng = rng or random.Random(0)
+            x0, y0, w, h = sample_crop(width, height, self.scale, self.ratio, rng)
+            flip = self.hflip_prob > 0 and rng.random() < self.hflip_prob
+            return (float(x0), float(y0), float(x0 + w), float(y0 + h)), flip
+        if width <= height:
+            new_w, new_h = S, int(S * height / width)
+        else:
+            new_w, new_h = int(S * width / height), S
+        left, top = int(round((new_w - S) / 2.0)), int(round((new_h - S) / 2.0))
+        sx, sy = new_w / width, new_h / height
+        return (left / sx, top / sy, (left + S) / sx, (top + S) / sy), False
+
+    def place(self, img: Image.Image, rng: random.Random | None = None) -> Placement:
+        """Decode `img` (opened, possibly not yet loaded) into the S x S output window.
+
+        Raises SkipSample("corrupt_image") when the pixels do not decode.
+        """
+        window, flip = self.window(img.width, img.height, rng)
+        rgb, k = self.decode(img, window)
+        return self.resample(rgb, k, window, flip)
+
+    def decode(self, img: Image.Image, window: tuple[float, float, float, float]
+               ) -> tuple[Image.Image, int]:
+        """(the decoded RGB image, its JPEG scale k: stored pixel = k * decoded pixel)."""
+        x0, y0, x1, y1 = window
+        k = draft_scale(x1 - x0, y1 - y0, self.size, self.size) if self.jpeg_draft else 1
+        img, k = draft_decode(img, k)
+        return load_rgb(img), k
+
+    def resample(self, rgb: Image.Image, k: int, window: tuple[float, float, float, float],
+                 flip: bool) -> Placement:
+        """Crop `window` (stored pixels) out of the 1/k-scale decode and resize it to S x S."""
+        S = self.size
+        x0, y0, x1, y1 = window
+        dw, dh = rgb.size
+        # the window in decoded pixels, snapped to the pixel grid (at most half a decoded pixel)
+        ix0, iy0 = min(max(0, round(x0 / k)), dw - 1), min(max(0, round(y0 / k)), dh - 1)
+        ix1, iy1 = max(ix0 + 1, min(dw, round(x1 / k))), max(iy0 + 1, min(dh, round(y1 / k)))
+        hwc = torch.from_numpy(np.array(rgb, dtype=np.uint8))               # [h, w, 3]
+        x = hwc[iy0:iy1, ix0:ix1].permute(2, 0, 1).unsqueeze(0)             # [1, 3, wh, ww]
+        if x.shape[-2:] != (S, S):
+            mode = _TORCH_MODE[self.interpolation]
+            x = F.interpolate(x, size=(S, S), mode=mode, antialias=mode != "nearest-exact")
+        out = x[0].contiguous()                                              # [3, S, S] uint8
+        if flip:
+            out = out.flip(-1)
+        sx, sy = S / ((ix1 - ix0) * k), S / ((iy1 - iy0) * k)
+        return Placement(out, sx, sy, -ix0 * S / (ix1 - ix0), -iy0 * S / (iy1 - iy0), flip, k)
+
+    def boxes(self, p: Placement, xyxy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(kept boxes in output pixels [k, 4], keep mask [n]) for stored-image boxes [n, 4].
+
+        `Boxes.affine(...).clip(S, S)`, `.hflip(S)` if flipped, `.finish(...)`, in plain Python:
+        the same float operations in the same order (numpy costs more on a handful of boxes).
+        """
+        S = float(self.size)
+        lo, vis_min = max(self.min_size, 1e-6), self.min_visibility
+        sx, sy, tx, ty = p.sx, p.sy, p.tx, p.ty
+        kept, keep = [], []
+        for x0, y0, x1, y1 in np.asarray(xyxy, dtype=np.float64).reshape(-1, 4).tolist():
+            fx0, fy0, fx1, fy1 = x0 * sx + tx, y0 * sy + ty, x1 * sx + tx, y1 * sy + ty
+            vx0, vy0 = min(max(fx0, 0.0), S), min(max(fy0, 0.0), S)
+            vx1, vy1 = min(max(fx1, 0.0), S), min(max(fy1, 0.0), S)
+            if p.flip:
+                fx0, fx1, vx0, vx1 = S - fx1, S - fx0, S - vx1, S - vx0
+            vw, vh = vx1 - vx0, vy1 - vy0
+            ok = vw >= lo and vh >= lo and vw * vh >= vis_min * ((fx1 - fx0) * (fy1 - fy0))
+            keep.append(ok)
+            if ok:
+                kept.append((vx0, vy0, vx1, vy1))
+        return np.array(kept, dtype=np.float64).reshape(-1, 4), np.array(keep, dtype=bool)
 
     def geometry(self, img: Image.Image, xyxy: np.ndarray, rng: random.Random | None
                  ) -> tuple[Image.Image, np.ndarray, np.ndarray]:
         """PIL image [S x S], kept boxes in output pixels [k, 4], keep mask [n]."""
-        boxes = Boxes.of(xyxy)
-        if self.train:
-            rng = rng or random.Random(0)
-            crop = sample_crop(img.width, img.height, self.scale, self.ratio, rng)
-            img, boxes = resized_crop(img, boxes, crop, self.size, self.size, self.interpolation)
-            if self.hflip_prob > 0 and rng.random() < self.hflip_prob:
-                img, boxes = hflip(img, boxes)
-        else:
-            img, boxes = resize_short_side(img, boxes, self.size, self.interpolation)
-            img, boxes = center_crop(img, boxes, self.size)
-        kept, keep = boxes.finish(self.min_visibility, self.min_size)
-        return img, kept, keep
+        p = self.place(img, rng)
+        kept, keep = self.boxes(p, xyxy)
+        return Image.fromarray(p.pixels.permute(1, 2, 0).numpy(), "RGB"), kept, keep
+
+    def normalize(self, pixels: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 [3, H, W] -> (x / 255 - mean) / std float32 [3, H, W] (into `out` if given)."""
+        if not hasattr(self, "_scale"):
+            self._scale, self._offset = normalize_coefficients(self.mean, self.std)
+        out = pixels.to(torch.float32) if out is None else out.copy_(pixels)
+        return out.mul_(self._scale).add_(self._offset)
 
     def to_tensor(self, img: Image.Image) -> torch.Tensor:
-        """(x / 255 - mean) / std as one multiply-add: x * (1 / (255 std)) - mean / std."""
-        if not hasattr(self, "_scale"):
-            std, mean = torch.tensor(self.std).view(3, 1, 1), torch.tensor(self.mean).view(3, 1, 1)
-            self._scale, self._offset = 1.0 / (255.0 * std), -mean / std
-        x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)  # [3, H, W] uint8
-        return torch.addcmul(self._offset, x.to(torch.float32), self._scale)  # [3, H, W] float32
+        """A PIL image -> CLIP-normalised float32 [3, H, W]."""
+        return self.normalize(torch.from_numpy(np.array(img.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1))
 
     def __call__(self, img: Image.Image, xyxy: np.ndarray, rng: random.Random | None = None
                  ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-        out, kept, keep = self.geometry(img, xyxy, rng)
-        return self.to_tensor(out), kept / float(self.size), keep
+        p = self.place(img, rng)
+        kept, keep = self.boxes(p, xyxy)
+        return self.normalize(p.pixels), kept / float(self.size), keep

@@ -88,6 +88,7 @@ def zero_shot_accuracy(model: torch.nn.Module, cfg: Config, layout: ParallelLayo
     last stage, None elsewhere."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from trainer.data import build_eval_loader
+    from trainer.data.normalize import normalize_on_device
     from trainer.moe.layer import MoEMLP
     from trainer.step import unwrap
 
@@ -115,7 +116,8 @@ def zero_shot_accuracy(model: torch.nn.Module, cfg: Config, layout: ParallelLayo
                 break
             batches += 1
             mb = _padded(batch, size, template)
-            mb["images"] = mb["images"].to(device)
+            a = cfg.data.augment
+            mb["images"] = normalize_on_device(mb["images"].to(device), a.mean, a.std)
             out = get_forward_backward_func()(
                 forward_step_func=_image_features_step, data_iterator=iter([mb]), model=[model],
                 num_microbatches=1, seq_length=v.seq_length, micro_batch_size=size,
