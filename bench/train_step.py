@@ -62,15 +62,6 @@ def moe_overrides(top_k: int) -> list[str]:
     return out
 
 
-def batch(cfg, n: int, device) -> dict:
-    g = torch.Generator().manual_seed(0)
-    v, t = cfg.model.vision, cfg.model.text
-    text = torch.randint(1, t.eot_id, (n, t.context_length), generator=g)
-    text[:, -1] = t.eot_id
-    return {"images": torch.randn(n, 3, v.image_size, v.image_size, generator=g).to(device),
-            "text": text.to(device), "size": n}
-
-
 class OursStep:
     def __init__(self, cfg, layout, device):
         from trainer import step as S
@@ -144,7 +135,8 @@ def main() -> int:
     cfgs.update({k: load_config(None, base + moe_overrides(k_)) for k, k_ in MOE.items()})
     steps = {k: OursStep(c, layout, device) for k, c in cfgs.items()}
     steps["open_clip"] = OpenClipStep(cfgs["dense"], device)
-    mb = batch(cfgs["dense"], args.batch, device)
+    from trainer.train import synthetic_microbatches, to_device
+    mb = to_device(synthetic_microbatches(cfgs["dense"], layout, 0)[0], device, cfgs["dense"])
     times: dict[str, list[float]] = {k: [] for k in steps}
     for r in range(args.warmup + args.steps):
         for name, fn in steps.items():

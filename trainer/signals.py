@@ -3,7 +3,8 @@
 SLURM sends the signal before the time limit (``sbatch --signal=USR1@120``) or on preemption
 (SIGTERM); the launch scripts requeue the job when the trainer exits with ``EXIT_REQUEUE``,
 and the requeued job resumes from ``checkpoint.save_dir/latest``. The signal may reach only
-some ranks, so every step all ranks agree (one all-reduce of a flag) before anyone stops.
+some ranks, so every step all ranks agree before anyone stops, in the same all-reduce that
+agrees on whether the step's loss and gradient norm were finite.
 """
 from __future__ import annotations
 
@@ -31,13 +32,16 @@ class StopSignals:
             log.warning("received %s: stopping after this step", signal.Signals(signum).name)
         self.received = signal.Signals(signum).name
 
-    def agreed(self) -> bool:
-        """Collective: True on every rank when any rank got a signal."""
+    def agree(self, step_ok: bool) -> tuple[bool, bool]:
+        """Collective, once per step: (every rank's step was finite, some rank got a signal),
+        the same on every rank, in one all-reduce."""
         device = "cuda" if torch.cuda.is_available() else "cpu"  # NCCL wants device tensors
-        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
+        flags = torch.tensor([0.0 if step_ok else 1.0, 1.0 if self.received else 0.0],
+                             device=device)
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        bad, stop = flags.tolist()
+        return not bad, bool(stop)
 
     def restore(self) -> None:
         for s, handler in self._previous.items():

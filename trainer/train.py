@@ -218,11 +218,10 @@ def run(cfg: Config, launch, layout: ParallelLayout) -> dict:
         out = S.forward_backward(ddp, microbatches, cfg)
         S.finalize_grads(ddp, layout)
         norm = S.clip_grads(ddp, layout, t.grad_clip)
-        finite = torch.tensor([float(math.isfinite(norm) and (out is None or
-                                                             math.isfinite(out["loss"])))],
-                              device=device)
-        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-        if finite.item():
+        # a signal that arrives after this point is acted on at the next step
+        finite, stop = signals.agree(math.isfinite(norm) and (out is None or
+                                                              math.isfinite(out["loss"])))
+        if finite:
             optimizer.step()
             S.clamp_logit_scale(model, t.max_logit_scale)
             nonfinite_run = 0
@@ -264,7 +263,6 @@ def run(cfg: Config, launch, layout: ParallelLayout) -> dict:
                            if moe else "")
                 log.info("step %d/%d loss %.4f grad_norm %.3f lr %.2e %.2fs %.1f samples/s%s",
                          step, t.steps, out["loss"], norm, lr, dt, samples_per_step / dt, dropped)
-        stop = signals.agreed()
         if cfg.checkpoint.save_dir and (stop or step == t.steps or (
                 cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0)):
             save(step)
