@@ -8,8 +8,13 @@ agrees on whether the step's loss and gradient norm were finite.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -18,16 +23,35 @@ log = logging.getLogger("upclip")
 
 EXIT_REQUEUE = 3      # saved after a stop signal: requeue me
 EXIT_NONFINITE = 4    # too many non-finite steps in a row: a human must look
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+@contextmanager
+def stop_signals_blocked():
+    """Run a block with the stop signals blocked (they stay pending and arrive after it).
+
+    SLURM signals every process of a job step, not just the ranks, and a helper process
+    started inside this block inherits the mask. That keeps megatron's checkpoint-writer
+    queue (a ``spawn`` Manager, started by the first save) alive through the signal; without
+    it the manager dies of SIGUSR1 and the save it is needed for fails with a broken pipe."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNALS))
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class StopSignals:
-    def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM)):
+    def __init__(self, signals=STOP_SIGNALS):
         self.received: str | None = None
+        self._pid = os.getpid()
         self._previous = {}
         for s in signals:
             self._previous[s] = signal.signal(s, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._pid:  # a forked child (data worker): the trainer decides
+            return
         if self.received is None:
             log.warning("received %s: stopping after this step", signal.Signals(signum).name)
         self.received = signal.Signals(signum).name
@@ -46,3 +70,16 @@ class StopSignals:
     def restore(self) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+
+
+EXIT_STATUS_FILE = "exit_status.json"
+
+
+def write_exit_status(run_dir: str, exit_code: int, step: int) -> None:
+    """``run_dir/exit_status.json``: how the trainer ended, for launchers that cannot see its
+    exit code (torchrun turns every worker failure into 1). Written atomically by rank 0."""
+    path = Path(run_dir) / EXIT_STATUS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"exit_code": exit_code, "step": step, "time": time.time()}) + "\n")
+    os.replace(tmp, path)

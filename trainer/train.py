@@ -139,7 +139,7 @@ def _start(cfg: Config, layout: ParallelLayout):
     return model, resume
 
 
-def run(cfg: Config, launch, layout: ParallelLayout) -> dict:
+def run(cfg: Config, launch, layout: ParallelLayout, signals=None) -> dict:
     import torch
 
     from trainer import checkpoint, step as S
@@ -149,7 +149,8 @@ def run(cfg: Config, launch, layout: ParallelLayout) -> dict:
     from trainer.eval.zeroshot import evaluate
     from trainer.metrics import (MetricsLogger, model_flops_per_sample, moe_layer_stats,
                                  peak_flops)
-    from trainer.signals import EXIT_NONFINITE, EXIT_REQUEUE, StopSignals
+    from trainer.signals import (EXIT_NONFINITE, EXIT_REQUEUE, StopSignals,
+                                 stop_signals_blocked)
 
     t_start = time.time()
     init_distributed(launch)
@@ -187,7 +188,7 @@ def run(cfg: Config, launch, layout: ParallelLayout) -> dict:
     flops, peak = model_flops_per_sample(cfg), peak_flops()
     metrics_log = MetricsLogger(cfg.run_dir, reporter, t.steps, state["step"],
                                 tensorboard=t.tensorboard, progress_bar=t.progress_bar)
-    signals = StopSignals()
+    signals = signals or StopSignals()
     history, evals, nonfinite_run, exit_code = [], [], 0, 0
 
     def run_eval(step: int) -> None:
@@ -200,11 +201,12 @@ def run(cfg: Config, launch, layout: ParallelLayout) -> dict:
 
     def save(step: int) -> None:
         state["data_epoch"] = batches.loader.epoch if batches.loader is not None else 0
-        checkpoint.save_checkpoint(
-            cfg.checkpoint.save_dir, step, model, config_to_dict(cfg), layout,
-            optimizer=optimizer, train_state=dict(state, step=step),
-            rank_state={"rng": rng_state(), "data": batches.state_dict()},
-            keep_last=cfg.checkpoint.keep_last)
+        with stop_signals_blocked():  # helper processes the save starts must outlive a signal
+            checkpoint.save_checkpoint(
+                cfg.checkpoint.save_dir, step, model, config_to_dict(cfg), layout,
+                optimizer=optimizer, train_state=dict(state, step=step),
+                rank_state={"rng": rng_state(), "data": batches.state_dict()},
+                keep_last=cfg.checkpoint.keep_last)
 
     if state["step"] == 0:
         run_eval(0)
@@ -287,15 +289,22 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("megatron").setLevel(logging.WARNING)  # it lists every param at INFO
+    from trainer.signals import StopSignals, write_exit_status
+
+    # Handlers first: a SLURM stop signal that arrives while megatron is still importing is
+    # acted on at the first step instead of killing the process.
+    signals = StopSignals()
     try:
         cfg, launch, layout = prepare(argv if argv is not None else sys.argv[1:])
     except (ConfigError, LaunchError, LayoutError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    result = run(cfg, launch, layout)
+    result = run(cfg, launch, layout, signals)
     import torch.distributed as dist
     if dist.is_initialized():
         dist.destroy_process_group()
+    if launch.rank == 0:
+        write_exit_status(cfg.run_dir, result["exit_code"], result["step"])
     return result["exit_code"]
 
 

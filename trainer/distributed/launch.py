@@ -2,14 +2,15 @@
 
 Supported: torchrun (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_*``), SLURM srun
 (``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``/``SLURM_JOB_NODELIST``), Open MPI
-(``OMPI_COMM_WORLD_*``), MPICH / Intel MPI / PMIx (``PMI_RANK``/``PMI_SIZE``), or a plain
-single process. torchrun wins when several are present (torchrun inside an sbatch script).
+(``OMPI_COMM_WORLD_*``), MPICH / Intel MPI (``PMI_RANK``/``PMI_SIZE``), PMIx (``PMIX_RANK``), or a
+plain single process. Under MPI the rendezvous address comes from ``MASTER_ADDR`` or, without it,
+from rank 0 over mpi4py. torchrun wins when several are present (torchrun inside an sbatch script).
 """
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping
 
 
@@ -61,7 +62,11 @@ def _port(env: Mapping[str, str], fallback: int) -> int:
     return _int(env, "MASTER_PORT") if env.get("MASTER_PORT") else fallback
 
 
-def read_launch_env(env: Mapping[str, str] | None = None) -> LaunchEnv:
+def read_launch_env(env: Mapping[str, str] | None = None,
+                    use_mpi: bool | None = None) -> LaunchEnv:
+    """This process's launch. Under MPI without ``MASTER_ADDR``, rank 0 picks the rendezvous
+    (its host name and a free port) and broadcasts it with mpi4py (``use_mpi``; the default
+    is to do so only for the real ``os.environ``, so tests can pass a dict)."""
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun (or anything exporting the torch vars)
         return LaunchEnv(_int(env, "RANK"), _int(env, "WORLD_SIZE"),
@@ -76,30 +81,52 @@ def read_launch_env(env: Mapping[str, str] | None = None) -> LaunchEnv:
                          addr, _port(env, 20000 + job % 20000), "slurm")
     for rank_var, size_var, local_vars in (
             ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", ("OMPI_COMM_WORLD_LOCAL_RANK",)),
-            ("PMI_RANK", "PMI_SIZE", ("MPI_LOCALRANKID", "PMI_LOCAL_RANK", "PALS_LOCAL_RANKID"))):
+            ("PMI_RANK", "PMI_SIZE", ("MPI_LOCALRANKID", "PMI_LOCAL_RANK", "PALS_LOCAL_RANKID")),
+            ("PMIX_RANK", "PMIX_SIZE", ("PMIX_LOCAL_RANK",))):
         if rank_var in env and size_var in env:
             local = next((_int(env, v) for v in local_vars if v in env), 0)
             size = _int(env, size_var)
+            launch = LaunchEnv(_int(env, rank_var), size, local, env.get("MASTER_ADDR", ""),
+                               _port(env, DEFAULT_PORT), "mpi")
+            if launch.master_addr:
+                return launch
+            if use_mpi if use_mpi is not None else env is os.environ:
+                return mpi_rendezvous(launch)
             local_size = env.get("OMPI_COMM_WORLD_LOCAL_SIZE") or env.get("MPI_LOCALNRANKS")
-            addr = env.get("MASTER_ADDR")
-            if not addr:
-                if local_size is not None and int(local_size) == size:
-                    addr = "127.0.0.1"  # every rank on this node
-                else:
-                    raise LaunchError(
-                        "MPI launch across nodes needs MASTER_ADDR: "
-                        "mpirun -x MASTER_ADDR=<first host> -x MASTER_PORT=<port> ...")
-            return LaunchEnv(_int(env, rank_var), size, local, addr,
-                             _port(env, DEFAULT_PORT), "mpi")
+            if local_size is not None and int(local_size) == size:
+                return replace(launch, master_addr="127.0.0.1")  # every rank on this node
+            raise LaunchError(_MPI_HINT)
     return LaunchEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"),
                      _port(env, _free_port()), "single")
+
+
+_MPI_HINT = ("MPI launch across nodes needs MASTER_ADDR (or mpi4py, which picks it): "
+             "mpirun -x MASTER_ADDR=<first host> -x MASTER_PORT=<port> ...")
+
+
+def mpi_rendezvous(launch: LaunchEnv) -> LaunchEnv:
+    """Fill in ``master_addr``/``master_port`` over MPI: rank 0 broadcasts its host name and a
+    port that is free there. Ranks and sizes are checked against MPI's own."""
+    try:
+        from mpi4py import MPI
+    except ImportError as e:
+        raise LaunchError(f"{_MPI_HINT} (mpi4py: {e})") from None
+    comm = MPI.COMM_WORLD
+    if (comm.Get_rank(), comm.Get_size()) != (launch.rank, launch.world_size):
+        raise LaunchError(f"MPI says rank {comm.Get_rank()}/{comm.Get_size()}, the environment "
+                          f"says {launch.rank}/{launch.world_size}")
+    import socket
+
+    addr, port = comm.bcast((socket.gethostname(), _free_port()) if launch.rank == 0 else None,
+                            root=0)
+    return replace(launch, master_addr=addr, master_port=port)
 
 
 def _free_port() -> int:
     import socket
 
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))  # free on every interface: other hosts connect to it
         return s.getsockname()[1]
 
 

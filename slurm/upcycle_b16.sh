@@ -1,0 +1,32 @@
+#!/bin/bash
+#SBATCH --job-name=upclip-b16
+#SBATCH --nodes=4
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=12
+#SBATCH --mem=0
+#SBATCH --exclusive
+#SBATCH --time=24:00:00
+#SBATCH --signal=USR1@300
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=slurm-%x-%j.out
+# Upcycle a dense ViT-B/16 CLIP to MoE (configs/b16_upcycle.yaml: E=8, top-2, every other
+# block, EP=8 over the GPUs of a node) and train on: 4 nodes x 8 GPUs, one task per GPU.
+# The job requeues itself at each time limit (USR1 300 s before it: save, exit 3, requeue)
+# and resumes from RUN_DIR/checkpoints/latest until train.steps are done.
+#   sbatch slurm/upcycle_b16.sh checkpoint.upcycle_from=ckpt/b16-dense \
+#       data.train_urls='/data/laion/{000000..099999}.tar'
+#   RUN_DIR=runs/b16-a sbatch --nodes=8 slurm/upcycle_b16.sh ...   # more nodes: more DP
+#   LAUNCHER=torchrun sbatch slurm/upcycle_b16.sh ...                # one torchrun per node
+#   bash slurm/upcycle_b16.sh --dry-run ...                          # print the srun line
+set -euo pipefail
+# sbatch runs a copy of this file from its spool directory: the checkout is where sbatch ran.
+UPCLIP_HOME=$(cd "${UPCLIP_HOME:-${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}}" && pwd)
+UPCLIP_SCRIPT=$0
+: "${CONFIG:=configs/b16_upcycle.yaml}"
+UPCLIP_REQUIRE="data.train_urls checkpoint.upcycle_from"
+export UPCLIP_HOME UPCLIP_SCRIPT CONFIG UPCLIP_REQUIRE
+# shellcheck source=slurm/launch.sh
+source "$UPCLIP_HOME/slurm/launch.sh"
+upclip_launch "$@"

@@ -1,0 +1,172 @@
+"""`sbatch slurm/smoke.sh` on a real single-node SLURM cluster (tests/slurm/cluster.sh).
+
+One cluster for the module; the jobs run one after another (the node has this machine's CPUs
+and each job takes 2). Shapes are the smoke config's at batch 32 for 12 steps, eval off.
+  - a job runs to the end under `srun --mpi=pmix` and leaves its checkpoint and logs;
+  - a job sent USR1 mid-run saves, exits 3, is requeued by the script, resumes and finishes:
+    every step 1..12 logged exactly once, losses equal the uninterrupted job's;
+  - the same with LAUNCHER=torchrun (one torchrun per node), where the requeue decision comes
+    from run_dir/exit_status.json.
+SLURM holds a requeued job for ~2 minutes before it may start again (its BeginTime); the test
+releases it at once with `scontrol update StartTime=now`, as an admin could.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from distributed.launcher import ROOT, clean_env
+
+STEPS = 12
+TRAIN = [f"train.steps={STEPS}", "checkpoint.save_every=4", "train.log_every=1",
+         "data.batch_size=32", "train.micro_batch_size=32", "data.eval_urls=",
+         "train.progress_bar=false", "train.tensorboard=false"]
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("slurmctld") is None or shutil.which("sbatch") is None or os.geteuid() != 0,
+    reason="needs root and Debian's slurmctld/slurmd/slurm-client (apt-packages.txt)")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """SLURM_CONF of a running cluster, and a small sharded dataset for the jobs."""
+    d = tmp_path_factory.mktemp("slurm")
+    script = str(ROOT / "tests/slurm/cluster.sh")
+    out = subprocess.run(["bash", script, "start", str(d / "cluster")], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    env = clean_env()
+    env["SLURM_CONF"] = str(d / "cluster/slurm.conf")
+    for name, split, count, regions in (("train", "train", 512, ["--regions", "box"]),
+                                        ("eval", "test", 128, [])):
+        subprocess.run([sys.executable, "tools/make_shards.py", "fashion-mnist", "--out",
+                        str(d / f"data/fmnist-{name}"), "--split", split, "--count", str(count),
+                        "--shard-size", "64", *regions], cwd=ROOT, env=env, check=True,
+                       capture_output=True, timeout=300)
+    env["SMOKE_DATA"] = str(d / "data")
+    yield env, d
+    subprocess.run(["bash", script, "stop", str(d / "cluster")], timeout=60)
+
+
+def submit(env: dict, out: Path, *args: str, **extra_env: str) -> str:
+    proc = subprocess.run(["sbatch", "--parsable", f"--output={out}", "slurm/smoke.sh", *args],
+                          cwd=ROOT, env=dict(env, **extra_env), capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().split(";")[0]
+
+
+def job_info(env: dict, job: str) -> dict:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], env=env, capture_output=True,
+                         text=True, timeout=30).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def wait(env: dict, job: str, out: Path, timeout: float = 240, until=None) -> dict:
+    """Poll until the job has ended (or ``until(info)`` holds); release requeue holds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        info = job_info(env, job)
+        if until is not None and until(info):
+            return info
+        state = info.get("JobState")
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return info
+        if state == "PENDING" and info.get("Reason") == "BeginTime":
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env,
+                           check=True, timeout=30)
+        time.sleep(1)
+    subprocess.run(["scancel", job], env=env, timeout=30)
+    pytest.fail(f"job {job} did not end in {timeout}s: {job_info(env, job)}\n"
+                f"{out.read_text()[-4000:] if out.exists() else ''}")
+
+
+def steps_logged(run_dir: Path) -> list[tuple[int, float]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def signal_after(env: dict, job: str, run_dir: Path, step: int, timeout: float = 180) -> None:
+    """USR1 to the job's tasks once ``step`` is logged (what --signal=USR1@N does at the
+    time limit)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if any(s >= step for s, _ in steps_logged(run_dir)):
+            subprocess.run(["scancel", "--signal=USR1", job], env=env, check=True, timeout=30)
+            return
+        if job_info(env, job).get("JobState") not in ("PENDING", "RUNNING"):
+            break
+        time.sleep(0.5)
+    pytest.fail(f"job {job} never logged step {step}: {job_info(env, job)}")
+
+
+def assert_requeued_and_equal(info: dict, run_dir: Path, log: Path, reference: list, steps: int):
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, text[-4000:])
+    assert info["Restarts"] == "1", info
+    assert "requeueing job" in text and "attempt 2" in text, text[-4000:]
+    logged = steps_logged(run_dir)
+    # no lost and no repeated step: the stop came after a save, the resume starts right after it
+    assert [s for s, _ in logged] == list(range(1, steps + 1)), logged
+    # resume is exact (RNG, data position, optimizer moments): fp32 on the same machine
+    ref = dict(reference)
+    for s, loss in logged:
+        assert loss == pytest.approx(ref[s], rel=1e-5, abs=1e-6), (s, loss, ref[s])
+    assert (run_dir / "checkpoints/latest").read_text().strip() == f"step_{steps:08d}"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster):
+    env, d = cluster
+    run_dir, out = d / "run_a", d / "a.out"
+    job = submit(env, out, *TRAIN, RUN_DIR=str(run_dir), SRUN_MPI="pmix")
+    info = wait(env, job, out)
+    return job, info, run_dir, out
+
+
+def test_smoke_job_completes_and_leaves_a_checkpoint(uninterrupted):
+    job, info, run_dir, out = uninterrupted
+    text = out.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, text[-4000:])
+    assert info["Restarts"] == "0"
+    assert "slurm: rank 0/2" in text and "--mpi=pmix" in (run_dir / "launch/attempts.log").read_text()
+    assert [s for s, _ in steps_logged(run_dir)] == list(range(1, STEPS + 1))
+    ckpt = run_dir / "checkpoints" / (run_dir / "checkpoints/latest").read_text().strip()
+    assert ckpt.name == f"step_{STEPS:08d}" and (ckpt / "manifest.json").is_file()
+    assert json.loads((run_dir / "exit_status.json").read_text())["exit_code"] == 0
+    assert (run_dir / "launch/config.yaml").read_text() == (ROOT / "configs/smoke.yaml").read_text()
+    assert (run_dir / f"logs/job-{job}.log").read_text().count("step 12/12 loss") == 1
+
+
+def test_usr1_checkpoints_requeues_and_resumes(cluster, uninterrupted):
+    env, d = cluster
+    run_dir, out = d / "run_b", d / "b.out"
+    job = submit(env, out, *TRAIN, RUN_DIR=str(run_dir))
+    signal_after(env, job, run_dir, 5)
+    info = wait(env, job, out)
+    assert "received SIGUSR1" in out.read_text()
+    assert_requeued_and_equal(info, run_dir, out, steps_logged(uninterrupted[2]), STEPS)
+
+
+def test_torchrun_launcher_requeues_and_resumes(cluster, uninterrupted):
+    env, d = cluster
+    run_dir, out = d / "run_c", d / "c.out"
+    steps = 8  # warmup + constant LR: the first 8 steps are the 12-step run's first 8
+    job = submit(env, out, *TRAIN, f"train.steps={steps}", RUN_DIR=str(run_dir),
+                 LAUNCHER="torchrun")
+    signal_after(env, job, run_dir, 3)
+    info = wait(env, job, out)
+    assert "torch.distributed.run" in (run_dir / "launch/attempts.log").read_text()
+    assert "trainer status 3" in out.read_text()
+    assert_requeued_and_equal(info, run_dir, out, steps_logged(uninterrupted[2]), steps)
