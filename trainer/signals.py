@@ -28,7 +28,8 @@ STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 @contextmanager
 def stop_signals_blocked():
-    """Run a block with the stop signals blocked (they stay pending and arrive after it).
+    """Run a block with the stop signals blocked in this thread. A signal meanwhile is not
+    lost: another thread takes it, or it stays pending until the block ends.
 
     SLURM signals every process of a job step, not just the ranks, and a helper process
     started inside this block inherits the mask. That keeps megatron's checkpoint-writer
