@@ -1,16 +1,43 @@
-"""Convert CLIP checkpoints to and from UpCLIP.
+"""Convert CLIP checkpoints to and from UpCLIP, and reshard UpCLIP training checkpoints.
 
-  import: open_clip / OpenAI-CLIP state dict (+ its model config) or a Hugging Face
-          CLIPModel directory -> an UpCLIP checkpoint (megatron-core dist_checkpointing),
-          loadable at any TP/PP: ``checkpoint.load=<out>``.
+  import   open_clip / OpenAI-CLIP state dict (+ its model config) or a Hugging Face CLIPModel
+           directory -> an UpCLIP checkpoint, loadable at any TP/PP/EP (checkpoint.load=<out>)
+  export   an UpCLIP checkpoint -> a Hugging Face CLIPModel directory (--to hf), an open_clip
+           state dict + model config (--to open_clip), or config.json + model.safetensors for
+           the plain-PyTorch model of trainer/hub.py (--to moe: MoE or dense)
+  reshard  an UpCLIP training checkpoint -> the same at another TP/PP/EP layout, optimizer
+           state and train_state included; run it at the target world size
 
     python tools/convert_checkpoint.py import --from open_clip --weights ViT-B-32.pt \\
         --model-config ViT-B-32-quickgelu --out ckpt/b32
-    python tools/convert_checkpoint.py import --from hf --weights path/to/clip-vit-base-patch32 \\
+    python tools/convert_checkpoint.py import --from hf --weights clip-vit-base-patch32 \\
         --out ckpt/b32
+    python tools/convert_checkpoint.py export --to hf --ckpt runs/b32/ckpt --out exports/b32-hf
+    python tools/convert_checkpoint.py export --to open_clip --ckpt runs/b32/ckpt \\
+        --out exports/b32-oc
+    python tools/convert_checkpoint.py export --to moe --ckpt runs/b16-moe/ckpt \\
+        --out exports/b16-moe
+    python tools/convert_checkpoint.py export --to hf --merge-experts --ckpt runs/b16-moe/ckpt \\
+        --out exports/b16-merged-hf
+    torchrun --nproc_per_node=4 tools/convert_checkpoint.py reshard --ckpt runs/b16-moe/ckpt \\
+        --out runs/b16-moe/ckpt-tp1 --tp 1 --ep 1
 
-``--model-config`` is an open_clip model name (its bundled JSON) or a path to a JSON file.
-Runs as one process on CPU; no GPU needed.
+Loading the exports:
+    transformers.CLIPModel.from_pretrained("exports/b32-hf")    (CLIPTokenizer, CLIPProcessor:
+        the same directory; tokenizer files when the model uses the CLIP BPE vocabulary)
+    open_clip.create_model("local-dir:exports/b32-oc"), or with the model config registered:
+        open_clip.add_model_config("exports/b32-oc")            (registers "b32-oc", see --name)
+        open_clip.create_model("b32-oc", pretrained="exports/b32-oc/open_clip_model.safetensors")
+    trainer.hub.load("exports/b16-moe"), trainer.hub.load_tokenizer("exports/b16-moe")
+
+Every command refuses a non-empty --out unless --force; verifies the checksums of what it
+reads (a checkpoint's manifest) and writes (the new manifest; SHA256SUMS of an export); and
+on a mismatch lists the missing, unexpected and wrongly-shaped tensors. An export is also
+reloaded with its library and its embeddings compared with UpCLIP's (--no-check skips it).
+--merge-experts averages each MoE layer's experts into one dense MLP: exact right after
+upcycling, LOSSY after training (the export logs how far the embeddings moved).
+import and export run as one process on CPU (no GPU needed); reshard runs under torchrun
+(or srun / mpirun) with as many processes as the target layout's world size.
 """
 from __future__ import annotations
 
@@ -24,11 +51,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer.config import Config, ConfigError, ParallelConfig, config_to_dict  # noqa: E402
 
+DTYPES = ("float32", "bfloat16", "float16")
+
 
 def fail(msg: str) -> None:
-    print(f"convert_checkpoint: error: {msg}", file=sys.stderr)
+    import torch.distributed as dist
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"convert_checkpoint: error: {msg}", file=sys.stderr)
     raise SystemExit(2)
 
+
+def refuse_existing(out: Path, force: bool) -> None:
+    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
+        fail(f"--out {str(out)!r} exists and is not empty (--force overwrites)")
+
+
+# --------------------------------------------------------------------------- import
 
 def read_state_dict(path: Path) -> dict:
     import torch
@@ -63,16 +101,20 @@ def read_open_clip_config(spec: str) -> dict:
 
 
 def load_source(args) -> tuple:
+    """(model config, canonical state dict, {file: sha256} of the weights read)."""
+    from trainer.hub import sha256
     from trainer.models import convert
 
     weights = Path(args.weights)
+    if not weights.exists():
+        fail(f"--weights {str(weights)!r} does not exist")
     if args.source == "open_clip":
         if not args.model_config:
             fail("--from open_clip needs --model-config (an open_clip model name or JSON path)")
         model_cfg = convert.config_from_open_clip(read_open_clip_config(args.model_config),
                                                   quick_gelu=args.quick_gelu)
         sd = read_state_dict(weights)
-        return model_cfg, convert.from_open_clip(sd, model_cfg)
+        return model_cfg, convert.from_open_clip(sd, model_cfg), {str(weights): sha256(weights)}
     # Hugging Face CLIPModel directory (config.json + model.safetensors / pytorch_model.bin)
     if not (weights / "config.json").is_file():
         fail(f"--weights {str(weights)!r}: not a Hugging Face model directory (no config.json)")
@@ -83,60 +125,196 @@ def load_source(args) -> tuple:
     sd = {}
     for f in files:
         sd.update(read_state_dict(f))
-    return model_cfg, convert.from_hf(sd, model_cfg)
+    return model_cfg, convert.from_hf(sd, model_cfg), {str(f): sha256(f) for f in files}
 
 
 def cmd_import(args) -> None:
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        fail(f"--out {str(out)!r} exists and is not empty")
+    refuse_existing(out, args.force)
     try:
-        model_cfg, full = load_source(args)
+        model_cfg, full, hashes = load_source(args)
     except (ConfigError, KeyError) as e:
         fail(str(e).strip("'\""))
     cfg = Config(model=model_cfg, parallel=ParallelConfig())
     cfg.validate()
 
-    from trainer.checkpoint import save_checkpoint
+    from trainer import checkpoint
     from trainer.distributed import ParallelLayout, init_distributed, read_launch_env
+    from trainer.hub import mismatch_report
     from trainer.models.clip import CLIP
-    from trainer.models.state import load_full_state_dict
+    from trainer.models.state import canonical_names, load_full_state_dict
 
     init_distributed(read_launch_env())
     layout = ParallelLayout(1).initialize()
     model = CLIP(cfg.model, cfg.parallel)
+    names = canonical_names(model)
+    report = mismatch_report({names[n]: tuple(p.shape) for n, p in model.named_parameters()},
+                             {k: tuple(v.shape) for k, v in full.items()})
+    if report:
+        fail(f"--weights {args.weights!r}: converted weights do not fit the model of its "
+             f"config: {report}")
     load_full_state_dict(model, full, layout)
-    unused = sorted(set(full) - {k for k, _ in model.named_parameters()})
-    if unused:
-        fail(f"converted weights have tensors the model does not use: {unused[:3]}")
-    ckpt = save_checkpoint(out, 0, model, config_to_dict(cfg), layout,
-                           extra={"imported_from": args.source,
-                                  "weights": str(Path(args.weights).resolve())})
+    ckpt = checkpoint.save_checkpoint(out, 0, model, config_to_dict(cfg), layout,
+                                      extra={"imported_from": args.source,
+                                             "weights": str(Path(args.weights).resolve()),
+                                             "weights_sha256": hashes})
+    checkpoint.verify(ckpt)
     print(f"imported {args.source} weights ({sum(v.numel() for v in full.values()) / 1e6:.1f}M "
           f"params) -> {ckpt}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    imp = sub.add_parser("import", help="open_clip / HF weights -> UpCLIP checkpoint")
+# --------------------------------------------------------------------------- export
+
+def cmd_export(args) -> None:
+    import torch
+
+    from trainer import checkpoint
+    from trainer.models import convert, export
+
+    out = Path(args.out)
+    refuse_existing(out, args.force)
+    try:  # the cheap checks, before megatron is imported
+        ckpt = checkpoint.resolve(args.ckpt)
+        cfg = export.saved_config(checkpoint.read_manifest(ckpt), ckpt)
+        moe = export.is_moe(cfg.model)
+        if moe and args.target != "moe" and not args.merge_experts:
+            tower = "vision" if cfg.model.vision.moe.enabled else "text"
+            fail(f"{ckpt}: an MoE checkpoint (model.{tower}.moe.num_experts="
+                 f"{getattr(cfg.model, tower).moe.num_experts}); --to {args.target} needs "
+                 f"--merge-experts (averages the experts: lossy) or use --to moe")
+        dense = export.dense_config(cfg.model)
+        if args.target == "hf":
+            convert.config_to_hf(dense)
+        elif args.target == "open_clip":
+            convert.config_to_open_clip(dense)
+    except (checkpoint.CheckpointError, export.ExportError, ConfigError) as e:
+        fail(str(e))
+
+    from trainer.distributed import ParallelLayout, init_distributed, read_launch_env
+
+    launch = read_launch_env()
+    init_distributed(launch)
+    layout = ParallelLayout(launch.world_size).initialize()
+    try:
+        src = export.read_checkpoint(ckpt, layout)
+        if args.merge_experts and moe:
+            src = export.merge_experts(src, layout)
+        written, notes = export.on_rank0(
+            export.write_export, src, args.target, out, force=args.force,
+            dtype=getattr(torch, args.dtype), name=args.name, check=args.check)
+    except (checkpoint.CheckpointError, export.ExportError, ConfigError, ValueError) as e:
+        fail(str(e))  # ValueError: trainer.hub.HubError when the check reloads the export
+    if launch.rank == 0:
+        for note in notes:
+            logging.getLogger("upclip").info("note: %s", note)
+        merged = " (experts merged: lossy)" if args.merge_experts and moe else ""
+        print(f"exported {ckpt} (step {src.manifest['step']}) --to {args.target}{merged} "
+              f"-> {written}")
+
+
+# --------------------------------------------------------------------------- reshard
+
+def cmd_reshard(args) -> None:
+    from trainer import checkpoint
+    from trainer.distributed import (LayoutError, ParallelLayout, init_distributed,
+                                     read_launch_env)
+    from trainer.models import export
+
+    out = Path(args.out)
+    refuse_existing(out, args.force)
+    try:
+        ckpt = checkpoint.resolve(args.ckpt)
+        cfg = export.saved_config(checkpoint.read_manifest(ckpt), ckpt)
+        if out.resolve() in (ckpt.resolve(), ckpt.parent.resolve()):
+            fail(f"--out {str(out)!r} is the checkpoint's own root; pick a new directory")
+        p = cfg.parallel
+        for name in ("tp", "pp", "ep", "vision_layers_last_stage"):
+            if getattr(args, name) is not None:
+                setattr(p, name, getattr(args, name))
+        export.validate(cfg, ckpt)
+        launch = read_launch_env()
+        layout = ParallelLayout(launch.world_size, p.tp, p.pp, p.ep)
+    except (checkpoint.CheckpointError, export.ExportError, LayoutError) as e:
+        fail(str(e))
+    init_distributed(launch)
+    layout.initialize(seed=cfg.train.seed)
+    try:
+        written = export.reshard(ckpt, out, layout, cfg)
+    except (checkpoint.CheckpointError, export.ExportError) as e:
+        fail(str(e))
+    if launch.rank == 0:
+        print(f"resharded {ckpt} -> {written} ({layout.describe()}, world={layout.world_size})")
+
+
+# --------------------------------------------------------------------------- CLI
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tools/convert_checkpoint.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{import,export,reshard}")
+
+    imp = sub.add_parser("import", help="open_clip / OpenAI / HF weights -> UpCLIP checkpoint",
+                         description="open_clip / OpenAI-CLIP state dict (+ model config) or "
+                         "a Hugging Face CLIPModel directory -> an UpCLIP checkpoint "
+                         "(step 0, loadable at any TP/PP/EP).")
     imp.add_argument("--from", dest="source", choices=("open_clip", "openai", "hf"),
-                     required=True)
+                     required=True, help="openai = open_clip with QuickGELU forced")
     imp.add_argument("--weights", required=True,
                      help="state dict file (.pt/.bin/.safetensors) or HF model directory")
     imp.add_argument("--model-config", help="open_clip model name or JSON (open_clip/openai)")
     imp.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None,
                      help="override the activation (OpenAI weights use QuickGELU)")
     imp.add_argument("--out", required=True, help="checkpoint root to create")
-    args = parser.parse_args(argv)
-    if args.source == "openai":
+    imp.add_argument("--force", action="store_true", help="write into a non-empty --out")
+
+    exp = sub.add_parser("export", help="UpCLIP checkpoint -> HF / open_clip / plain MoE model",
+                         description="An UpCLIP checkpoint (any layout) -> --to hf: a "
+                         "transformers CLIPModel directory (config.json, model.safetensors, "
+                         "preprocessor and CLIP BPE tokenizer files); --to open_clip: "
+                         "open_clip_model.safetensors + open_clip_config.json + NAME.json; "
+                         "--to moe: config.json + model.safetensors (experts stacked per "
+                         "layer) for trainer/hub.py. MoE checkpoints go to hf / open_clip only "
+                         "with --merge-experts (lossy).")
+    exp.add_argument("--to", dest="target", choices=("hf", "open_clip", "moe"), required=True,
+                     help="target format (moe: the plain model of trainer/hub.py)")
+    exp.add_argument("--ckpt", required=True, help="checkpoint directory, or a root with 'latest'")
+    exp.add_argument("--out", required=True, help="export directory to create")
+    exp.add_argument("--merge-experts", action="store_true",
+                     help="average each MoE layer's experts into one dense MLP (LOSSY after "
+                     "training; exact right after upcycling)")
+    exp.add_argument("--dtype", choices=DTYPES, default="float32", help="of the saved weights")
+    exp.add_argument("--name", default="",
+                     help="open_clip model name of NAME.json (default: the --out folder name)")
+    exp.add_argument("--no-check", dest="check", action="store_false",
+                     help="skip reloading the export with its library and comparing embeddings")
+    exp.add_argument("--force", action="store_true", help="replace an existing --out")
+
+    rs = sub.add_parser("reshard", help="UpCLIP checkpoint -> another TP/PP/EP layout",
+                        description="Rewrites a training checkpoint (weights, AdamW moments and "
+                        "step counts, train_state) as shards of another layout, with the "
+                        "config's parallel sizes updated. Run it at the target world size "
+                        "(torchrun --nproc_per_node=N ...). Per-rank RNG and data positions "
+                        "are kept only when the world layout is unchanged.")
+    rs.add_argument("--ckpt", required=True, help="checkpoint directory, or a root with 'latest'")
+    rs.add_argument("--out", required=True, help="checkpoint root to create")
+    for name in ("tp", "pp", "ep"):
+        rs.add_argument(f"--{name}", type=int, help=f"target parallel.{name} (default: as saved)")
+    rs.add_argument("--vision-layers-last-stage", type=int,
+                    help="target parallel.vision_layers_last_stage (default: as saved)")
+    rs.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    if getattr(args, "source", None) == "openai":
         args.source = "open_clip"
         if args.quick_gelu is None:
             args.quick_gelu = True
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.command == "import":
-        cmd_import(args)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    for name in ("upclip", "trainer"):  # our narration; the peers' INFO chatter stays off
+        logging.getLogger(name).setLevel(logging.INFO)
+    {"import": cmd_import, "export": cmd_export, "reshard": cmd_reshard}[args.command](args)
 
 
 if __name__ == "__main__":

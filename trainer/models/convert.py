@@ -1,10 +1,12 @@
 """State-dict adapters between UpCLIP's canonical CLIP and its peers.
 
-``from_open_clip`` / ``to_open_clip`` (also OpenAI-CLIP, whose state dicts open_clip reuses)
-and ``from_hf`` / ``to_hf`` (Hugging Face ``CLIPModel``), plus config readers. Canonical names
-are those of ``trainer.models.clip.CLIP`` at tp=1, pp=1 (see ``state.py``). The only real
-work: megatron fuses Q, K, V per head (``[h0: q k v, h1: q k v, ...]``) where open_clip stacks
-them (``[q; k; v]``) and HF keeps three matrices.
+``from_open_clip`` / ``to_open_clip`` (also OpenAI-CLIP, whose state dicts open_clip reuses),
+``from_hf`` / ``to_hf`` (Hugging Face ``CLIPModel``) and ``to_hub`` (the plain-PyTorch model of
+``trainer/hub.py``: open_clip's names plus stacked experts), with config readers and writers.
+Canonical names are those of ``trainer.models.clip.CLIP`` at tp=1, pp=1 (see ``state.py``).
+The only real work: megatron fuses Q, K, V per head (``[h0: q k v, h1: q k v, ...]``) where
+open_clip stacks them (``[q; k; v]``) and HF keeps three matrices. open_clip and HF have no
+experts: an MoE state dict goes to them only through ``merge_experts`` (trainer/models/export.py).
 """
 from __future__ import annotations
 
@@ -80,6 +82,15 @@ _HF_BLOCK = {
     "mlp.linear_fc1": "mlp.fc1", "mlp.linear_fc2": "mlp.fc2",
 }
 _QKV = "self_attention.linear_qkv"
+# An MoE block's MLP, under ``mlp.``: ours (DeepSpeed's names) -> the plain model's.
+_HUB_MOE = {
+    "deepspeed_moe.gate.wg.weight": "router.weight",   # [E, d]
+    "deepspeed_moe.experts.w1": "experts.w1",          # [E, d, f]
+    "deepspeed_moe.experts.b1": "experts.b1",          # [E, f]
+    "deepspeed_moe.experts.w2": "experts.w2",          # [E, f, d]
+    "deepspeed_moe.experts.b2": "experts.b2",          # [E, d]
+}
+_ROUTER = "mlp.deepspeed_moe.gate.wg.weight"
 
 
 def _blocks(sd: dict, prefix: str) -> int:
@@ -113,19 +124,29 @@ def _import(sd: dict, cfg: ModelConfig, top: dict, towers: tuple, block: dict, r
 
 
 def _export(full: dict, cfg: ModelConfig, top: dict, towers: tuple, block: dict, write_qkv,
-            transposed: frozenset | set = frozenset()) -> dict[str, torch.Tensor]:
-    """Canonical -> peer state dict; ``write_qkv(out, block_prefix, suffix, stacked)``."""
+            transposed: frozenset | set = frozenset(), moe: dict | None = None,
+            peer: str = "") -> dict[str, torch.Tensor]:
+    """Canonical -> peer state dict; ``write_qkv(out, block_prefix, suffix, stacked)``.
+    ``moe``: how the peer names an MoE block's MLP (None: the peer has no experts)."""
     out = {theirs: full[ours].t() if ours in transposed else full[ours]
            for ours, theirs in top.items()}
     for ours, theirs, tower in towers:
         t_cfg = getattr(cfg, tower)
         for i in range(t_cfg.layers):
             a, b = f"{ours}{i}.", f"{theirs}{i}."
+            is_moe = a + _ROUTER in full
+            if is_moe and moe is None:
+                raise ValueError(f"{a}mlp is a mixture of experts and {peer} has none: merge "
+                                 f"the experts first (lossy) or export the MoE model")
             for suffix in ("weight", "bias"):
                 for o, t in block.items():
-                    out[f"{b}{t}.{suffix}"] = full[f"{a}{o}.{suffix}"]
+                    if not (is_moe and o.startswith("mlp.")):
+                        out[f"{b}{t}.{suffix}"] = full[f"{a}{o}.{suffix}"]
                 write_qkv(out, b, suffix,
                           qkv_megatron_to_stacked(full[f"{a}{_QKV}.{suffix}"], t_cfg.heads))
+            if is_moe:
+                for o, t in moe.items():
+                    out[f"{b}mlp.{t}"] = full[f"{a}mlp.{o}"]
     return {k: v.detach().clone().contiguous() for k, v in out.items()}
 
 
@@ -157,7 +178,21 @@ def from_open_clip(sd: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
 
 
 def to_open_clip(full: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    return _export(full, cfg, _OC_TOP, _OC_TOWERS, _OC_BLOCK, _oc_write_qkv, _OC_TRANSPOSED)
+    out = _export(full, cfg, _OC_TOP, _OC_TOWERS, _OC_BLOCK, _oc_write_qkv, _OC_TRANSPOSED,
+                  peer="open_clip")
+    if "logit_bias" in full:  # SigLIP; open_clip builds it from init_logit_bias
+        out["logit_bias"] = full["logit_bias"].detach().clone()
+    return out
+
+
+def to_hub(full: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The plain model's state dict (trainer/hub.py): open_clip's names, stacked experts,
+    and the SigLIP logit bias and CLOC prompter when present."""
+    out = _export(full, cfg, _OC_TOP, _OC_TOWERS, _OC_BLOCK, _oc_write_qkv, _OC_TRANSPOSED,
+                  moe=_HUB_MOE)
+    out.update({k: v.detach().clone().contiguous() for k, v in full.items()
+                if k == "logit_bias" or k.startswith("prompter.")})
+    return out
 
 
 def from_hf(sd: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -167,7 +202,15 @@ def from_hf(sd: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
 
 
 def to_hf(full: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    return _export(full, cfg, _HF_TOP, _HF_TOWERS, _HF_BLOCK, _hf_write_qkv)
+    return _export(full, cfg, _HF_TOP, _HF_TOWERS, _HF_BLOCK, _hf_write_qkv,
+                   peer="Hugging Face CLIPModel")
+
+
+def not_exported(full: dict, peer: str) -> list[str]:
+    """Canonical names a dense export to ``peer`` (hf | open_clip) leaves out: the CLOC
+    prompter (both) and the SigLIP logit bias (HF). Neither changes an embedding."""
+    return sorted(k for k in full if k.startswith("prompter.")
+                  or (k == "logit_bias" and peer == "hf"))
 
 
 # --------------------------------------------------------------------------- configs
@@ -243,5 +286,60 @@ def config_from_hf(hf) -> ModelConfig:
                         heads=t["num_attention_heads"],
                         mlp_ratio=t["intermediate_size"] / t["hidden_size"],
                         act=t.get("hidden_act", "quick_gelu"), ln_eps=t.get("layer_norm_eps", 1e-5),
-                        # HF's legacy eos_token_id == 2 means argmax pooling == our default
-                        eot_token_id=-1 if eos == 2 else eos))
+                        # HF's legacy eos_token_id == 2 means argmax pooling, the largest id:
+                        # our default (-1) as is an eos equal to the largest id
+                        eot_token_id=-1 if eos in (2, vocab - 1) else eos))
+
+
+def _moe_off(cfg: ModelConfig, peer: str) -> None:
+    for name in ("vision", "text"):
+        if getattr(cfg, name).moe.enabled:
+            raise ConfigError(f"model.{name}.moe.num_experts={getattr(cfg, name).moe.num_experts}: "
+                              f"{peer} has no experts (merge them first, or export the MoE model)")
+
+
+def config_to_open_clip(cfg: ModelConfig) -> dict:
+    """open_clip model config (the JSON of open_clip/model_configs) of a dense ModelConfig."""
+    _moe_off(cfg, "open_clip")
+    v, t = cfg.vision, cfg.text
+    if v.act != t.act:
+        raise ConfigError(f"model.vision.act={v.act!r} != model.text.act={t.act!r}: open_clip "
+                          "has one quick_gelu flag for both towers")
+    vision = dict(image_size=v.image_size, patch_size=v.patch_size, width=v.width,
+                  layers=v.layers, head_width=v.width // v.heads, mlp_ratio=v.mlp_ratio)
+    text = dict(context_length=t.context_length, vocab_size=t.vocab_size, width=t.width,
+                heads=t.heads, layers=t.layers, mlp_ratio=t.mlp_ratio)
+    if t.eot_id != t.vocab_size - 1:  # argmax pooling finds the eot only when it is the max id
+        text.update(pool_type="eos", eos_id=t.eot_id)
+    for tower, c in ((vision, v), (text, t)):
+        if c.ln_eps != 1e-5:
+            tower["norm_kwargs"] = {"eps": c.ln_eps}
+    out = {"embed_dim": cfg.embed_dim, "quick_gelu": v.act == "quick_gelu",
+           "vision_cfg": vision, "text_cfg": text}
+    if cfg.logit_bias_init is not None:
+        out["init_logit_bias"] = cfg.logit_bias_init
+    return out
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    """transformers ``CLIPConfig`` dict of a dense ModelConfig."""
+    _moe_off(cfg, "Hugging Face CLIPModel")
+    v, t = cfg.vision, cfg.text
+    if t.eot_id == 2:
+        raise ConfigError("model.text.eot_token_id=2: Hugging Face reads eos_token_id=2 as "
+                          "'pool at the largest id' (legacy CLIP); not representable")
+
+    def tower(c) -> dict:
+        return dict(hidden_size=c.width, intermediate_size=int(c.width * c.mlp_ratio),
+                    num_hidden_layers=c.layers, num_attention_heads=c.heads, hidden_act=c.act,
+                    layer_norm_eps=c.ln_eps, attention_dropout=0.0, projection_dim=cfg.embed_dim)
+
+    return {
+        "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": cfg.embed_dim,
+        "logit_scale_init_value": cfg.logit_scale_init,
+        "text_config": dict(tower(t), vocab_size=t.vocab_size,
+                            max_position_embeddings=t.context_length, eos_token_id=t.eot_id,
+                            bos_token_id=max(t.eot_id - 1, 0), pad_token_id=t.eot_id),
+        "vision_config": dict(tower(v), image_size=v.image_size, patch_size=v.patch_size,
+                              num_channels=3),
+    }

@@ -1,0 +1,372 @@
+"""UpCLIP for downstream use: a plain-PyTorch CLIP (dense or MoE) that loads an export.
+
+    from trainer.hub import load, load_tokenizer
+    model = load("exports/b16-moe")              # config.json + model.safetensors (+ SHA256SUMS)
+    tokenizer = load_tokenizer("exports/b16-moe")
+    with torch.no_grad():
+        image = model.encode_image(images)        # [b, e], not normalised (as CLIP.encode_image)
+        text = model.encode_text(tokenizer(["a photo of a cat"]))
+        out = model(images, tokens)               # normalised features + logit_scale, as CLIP
+
+No megatron-core, no DeepSpeed, no process group: torch, safetensors and this repo's config
+dataclasses only. ``tools/convert_checkpoint.py export --to moe`` writes the directory:
+
+    config.json        {"format": "upclip", "format_version": 1, "model": <ModelConfig>,
+                        "tokenizer": <TokenizerConfig>, "preprocess": {...}, "source": {...}}
+    model.safetensors  open_clip's names (``visual.transformer.resblocks.{i}.attn.in_proj_weight``
+                       with Q, K, V stacked ``[q; k; v]``, projections ``[width, embed]``); the MLP
+                       of an MoE block is, experts stacked:
+                         mlp.router.weight  [E, d]     logits = x @ W^T (fp32), softmax
+                         mlp.experts.w1     [E, d, f]  expert e: act(x @ w1[e] + b1[e]) @ w2[e]
+                         mlp.experts.b1     [E, f]                + b2[e]
+                         mlp.experts.w2     [E, f, d]
+                         mlp.experts.b2     [E, d]
+                       plus ``logit_bias`` (SigLIP) and ``prompter.*`` (CLOC) when trained with them
+    SHA256SUMS         ``sha256sum -c`` format, every other file; ``load`` checks it
+
+Routing is the trainer's at evaluation (trainer/moe/router.py, tensor parallel size 1): top-k
+of the router's softmax; capacity ``ceil(units / E * eval_capacity_factor * k)`` (at least
+``min_capacity``) with slots first-come first-served, every unit's first choice before any
+second choice, units in the trainer's sequence-major order; top-2 weights renormalised over
+the kept routes, top-1 weight 1. Text tokens after the end-of-text token are not routed.
+``dispatch: dropless`` or ``drop_tokens: false`` drop nothing; ``model.set_dropless(True)``
+turns drops off everywhere (then an embedding no longer depends on the rest of the batch).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.config import ModelConfig, from_dict
+
+FORMAT = "upclip"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+CHECKSUMS_FILE = "SHA256SUMS"
+
+
+class HubError(ValueError):
+    """A bad export directory; the message names the file and what is wrong."""
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"gelu": F.gelu, "quick_gelu": quick_gelu}
+
+
+# --------------------------------------------------------------------------- routing
+
+def route(x: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor, moe, dropless: bool
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router input ``x [U, d]``, ``valid [U]`` -> (experts ``[U, k]`` with -1 for none,
+    combine weights ``[U, k]``)."""
+    probs = F.softmax(F.linear(x.float(), weight.float()), dim=-1)       # [U, E]
+    chosen = torch.topk(probs, moe.top_k, dim=-1).indices                # [U, k]
+    u, k = chosen.shape
+    e = probs.shape[1]
+    experts = torch.where(valid[:, None], chosen, -1)
+    if not (dropless or moe.dispatch == "dropless" or not moe.drop_tokens):
+        capacity = max(math.ceil(u / e * moe.eval_capacity_factor * k), moe.min_capacity)
+        order = experts.t().reshape(-1)                                  # all 1st, then 2nd
+        onehot = F.one_hot(order.clamp_min(0), e) * (order >= 0)[:, None]
+        slots = (onehot.cumsum(0) - 1).gather(1, order.clamp_min(0)[:, None]).view(k, u).t()
+        experts = torch.where(slots < capacity, experts, -1)
+    kept = (experts >= 0).to(probs.dtype)
+    if k == 1:
+        return experts, kept
+    p = probs.gather(1, chosen) * kept
+    return experts, p / p.sum(dim=1, keepdim=True).clamp_min(torch.finfo(p.dtype).eps)
+
+
+class Experts(nn.Module):
+    def __init__(self, num: int, d: int, f: int, act: str):
+        super().__init__()
+        self.act = ACTIVATIONS[act]
+        self.w1 = nn.Parameter(torch.zeros(num, d, f))
+        self.b1 = nn.Parameter(torch.zeros(num, f))
+        self.w2 = nn.Parameter(torch.zeros(num, f, d))
+        self.b2 = nn.Parameter(torch.zeros(num, d))
+
+    def forward(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        return self.act(x @ self.w1[e] + self.b1[e]) @ self.w2[e] + self.b2[e]
+
+
+class MoEMLP(nn.Module):
+    """Router + stacked experts; ``forward(x [b, s, d], valid [b, s] | None)``."""
+
+    def __init__(self, d: int, f: int, moe, act: str):
+        super().__init__()
+        self.moe, self.dropless = moe, False
+        self.router = nn.Linear(d, moe.num_experts, bias=False)
+        self.experts = Experts(moe.num_experts, d, f, act)
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        b, s, d = x.shape
+        if self.moe.routing == "image":                                  # a unit is an image
+            units = x                                                    # [b, s, d]
+            router_in = x[:, 0] if self.moe.image_router_input == "cls" else x.mean(1)
+            unit_valid = torch.ones(b, dtype=torch.bool, device=x.device)
+        else:                                                            # a unit is a token
+            units = x.transpose(0, 1).reshape(s * b, 1, d)               # sequence-major
+            router_in = units[:, 0]
+            unit_valid = (valid.t().reshape(-1) if valid is not None else
+                          torch.ones(s * b, dtype=torch.bool, device=x.device))
+        experts, weights = route(router_in, self.router.weight, unit_valid, self.moe,
+                                 self.dropless)
+        out = torch.zeros_like(units)
+        for e in range(self.moe.num_experts):
+            rows, slot = torch.nonzero(experts == e, as_tuple=True)
+            if rows.numel():
+                w = weights[rows, slot].to(x.dtype)[:, None, None]
+                out.index_add_(0, rows, self.experts(units[rows], e) * w)
+        return out if self.moe.routing == "image" else out.view(s, b, d).transpose(0, 1)
+
+
+# --------------------------------------------------------------------------- towers
+
+class MLP(nn.Module):
+    def __init__(self, d: int, f: int, act: str):
+        super().__init__()
+        self.c_fc, self.c_proj, self.act = nn.Linear(d, f), nn.Linear(f, d), ACTIVATIONS[act]
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class Attention(nn.Module):
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.zeros(3 * d, d))        # [q; k; v]
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * d))
+        self.out_proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
+        b, s, d = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)        # [b, s, 3d]
+        q, k, v = qkv.view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)    # [b, h, s, hd]
+        return self.out_proj(y.transpose(1, 2).reshape(b, s, d))
+
+
+class Block(nn.Module):
+    """Pre-LN: ``x + attn(ln_1(x))`` then ``x + mlp(ln_2(x))``."""
+
+    def __init__(self, tower, moe: bool):
+        super().__init__()
+        d, f = tower.width, int(tower.width * tower.mlp_ratio)
+        self.ln_1 = nn.LayerNorm(d, eps=tower.ln_eps)
+        self.attn = Attention(d, tower.heads)
+        self.ln_2 = nn.LayerNorm(d, eps=tower.ln_eps)
+        self.mlp = MoEMLP(d, f, tower.moe, tower.act) if moe else MLP(d, f, tower.act)
+
+    def forward(self, x: torch.Tensor, causal: bool, valid: torch.Tensor | None = None):
+        x = x + self.attn(self.ln_1(x), causal)
+        return x + self.mlp(self.ln_2(x), valid)
+
+
+class Transformer(nn.Module):
+    def __init__(self, tower):
+        super().__init__()
+        moe = set(tower.moe.moe_layers(tower.layers))
+        self.resblocks = nn.ModuleList(Block(tower, i in moe) for i in range(tower.layers))
+
+    def forward(self, x: torch.Tensor, causal: bool, valid: torch.Tensor | None = None):
+        for block in self.resblocks:
+            x = block(x, causal, valid)
+        return x
+
+
+class VisionTower(nn.Module):
+    def __init__(self, cfg, embed_dim: int):
+        super().__init__()
+        d = cfg.width
+        self.conv1 = nn.Conv2d(3, d, cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(torch.zeros(d))
+        self.positional_embedding = nn.Parameter(torch.zeros(cfg.seq_length, d))
+        self.ln_pre = nn.LayerNorm(d, eps=cfg.ln_eps)
+        self.transformer = Transformer(cfg)
+        self.ln_post = nn.LayerNorm(d, eps=cfg.ln_eps)
+        self.proj = nn.Parameter(torch.zeros(d, embed_dim))
+
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """``[b, 3, H, W]`` -> ``[b, 1 + g*g, d]`` final tokens after ln_post."""
+        x = self.conv1(images.to(self.conv1.weight.dtype)).flatten(2).transpose(1, 2)
+        cls = self.class_embedding.expand(x.shape[0], 1, -1)
+        x = self.ln_pre(torch.cat([cls, x], dim=1) + self.positional_embedding)
+        return self.ln_post(self.transformer(x, causal=False))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.tokens(images)[:, 0] @ self.proj                    # [b, e]
+
+
+class UpCLIPModel(nn.Module):
+    """CLIP in open_clip's module layout, with MoE MLPs where the config says so."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        t = cfg.text
+        self.eot_id = t.eot_id
+        self.visual = VisionTower(cfg.vision, cfg.embed_dim)
+        self.token_embedding = nn.Embedding(t.vocab_size, t.width)
+        self.positional_embedding = nn.Parameter(torch.zeros(t.context_length, t.width))
+        self.transformer = Transformer(t)
+        self.ln_final = nn.LayerNorm(t.width, eps=t.ln_eps)
+        self.text_projection = nn.Parameter(torch.zeros(t.width, cfg.embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(cfg.logit_scale_init))
+        if cfg.logit_bias_init is not None:
+            self.logit_bias = nn.Parameter(torch.tensor(cfg.logit_bias_init))
+        if cfg.prompter.layers:
+            from trainer.models.prompter import RegionPrompter
+            v = cfg.vision
+            self.prompter = RegionPrompter(
+                v.width, cfg.embed_dim, grid=v.image_size // v.patch_size,
+                heads=cfg.prompter.heads, layers=cfg.prompter.layers,
+                mlp_ratio=cfg.prompter.mlp_ratio, ln_eps=v.ln_eps)
+
+    def set_dropless(self, dropless: bool = True) -> None:
+        """True: no MoE layer drops a route (capacity off); False: the trained behaviour."""
+        for m in self.modules():
+            if isinstance(m, MoEMLP):
+                m.dropless = dropless
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.visual(images)
+
+    def encode_text(self, text: torch.Tensor) -> torch.Tensor:
+        """``[b, L]`` token ids (one end-of-text token per row) -> ``[b, e]``."""
+        eot = (text == self.eot_id).int().argmax(dim=-1)                 # first end-of-text
+        valid = torch.arange(text.shape[1], device=text.device) <= eot[:, None]  # [b, L]
+        x = self.token_embedding(text) + self.positional_embedding
+        x = self.ln_final(self.transformer(x, causal=True, valid=valid))
+        return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
+
+    def encode_regions(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """CLOC region embeddings ``[b, R, e]`` (not normalised) for ``boxes [b, R, 4]`` xyxy
+        as fractions of the image."""
+        if not hasattr(self, "prompter"):
+            raise HubError("this model has no region prompter (model.prompter.layers = 0)")
+        return self.prompter(self.visual.tokens(images), boxes)
+
+    def forward(self, images: torch.Tensor | None, text: torch.Tensor | None) -> dict:
+        out = {"logit_scale": self.logit_scale.exp()}
+        if hasattr(self, "logit_bias"):
+            out["logit_bias"] = self.logit_bias
+        if images is not None:
+            out["image_features"] = F.normalize(self.encode_image(images), dim=-1)
+        if text is not None:
+            out["text_features"] = F.normalize(self.encode_text(text), dim=-1)
+        return out
+
+
+# --------------------------------------------------------------------------- files
+
+def mismatch_report(expected: dict, got: dict) -> str:
+    """Names -> shapes, both sides. '' when they agree; else one line listing the missing,
+    unexpected and wrongly-shaped names (at most 5 of each, with the counts)."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    shaped = sorted(k for k in set(expected) & set(got)
+                    if tuple(expected[k]) != tuple(got[k]))
+    parts = []
+    for what, keys, show in (
+            ("missing", missing, str), ("unexpected", unexpected, str),
+            ("wrongly shaped", shaped,
+             lambda k: f"{k} (expected {list(expected[k])}, got {list(got[k])})")):
+        if keys:
+            more = f", ... {len(keys) - 5} more" if len(keys) > 5 else ""
+            parts.append(f"{len(keys)} {what}: {', '.join(map(show, keys[:5]))}{more}")
+    return "; ".join(parts)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_checksums(directory: str | Path) -> None:
+    """Check every file that ``SHA256SUMS`` lists; raise HubError naming the first bad one."""
+    directory = Path(directory)
+    sums = directory / CHECKSUMS_FILE
+    if not sums.is_file():
+        raise HubError(f"{sums}: missing (pass verify=False to load without checksums)")
+    for line in sums.read_text().splitlines():
+        digest, name = line.split(maxsplit=1)
+        path = directory / name.lstrip("*")
+        if not path.is_file():
+            raise HubError(f"{path}: missing (listed in {CHECKSUMS_FILE})")
+        if sha256(path) != digest:
+            raise HubError(f"{path}: sha256 does not match {CHECKSUMS_FILE}")
+
+
+def read_config(directory: str | Path) -> dict:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise HubError(f"{path}: missing; not an UpCLIP export (tools/convert_checkpoint.py "
+                       f"export --to moe writes one)")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise HubError(f"{path}: not valid JSON ({e.msg})") from None
+    if cfg.get("format") != FORMAT or cfg.get("format_version") != FORMAT_VERSION:
+        raise HubError(f"{path}: format {cfg.get('format')!r} version "
+                       f"{cfg.get('format_version')!r}, expected {FORMAT!r} {FORMAT_VERSION}")
+    return cfg
+
+
+def model_config(cfg: dict) -> ModelConfig:
+    """The exported ModelConfig; router aux-loss settings (training only, possibly naming
+    files of the training machine) are reset to their defaults."""
+    model = from_dict(ModelConfig, cfg["model"], "model")
+    for tower in (model.vision, model.text):
+        tower.moe.aux = type(tower.moe.aux)()
+    model.validate("model")
+    return model
+
+
+def load(directory: str | Path, verify: bool = True, dtype: torch.dtype = torch.float32,
+         device: str | torch.device = "cpu") -> UpCLIPModel:
+    """The model of an export directory, in eval mode. ``verify``: check SHA256SUMS first."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    cfg = read_config(directory)
+    if verify:
+        verify_checksums(directory)
+    model = UpCLIPModel(model_config(cfg))
+    weights = directory / cfg.get("weights", WEIGHTS_FILE)
+    state = load_file(str(weights))
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    report = mismatch_report(expected, {k: tuple(v.shape) for k, v in state.items()})
+    if report:
+        raise HubError(f"{weights}: does not match {directory / CONFIG_FILE}: {report}")
+    model.load_state_dict(state)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def load_tokenizer(directory: str | Path):
+    """The tokenizer the model was trained with (trainer/data/tokenizer.py), context length
+    from the model; a SentencePiece model file is looked up beside config.json."""
+    from trainer.data.config import TokenizerConfig
+    from trainer.data.tokenizer import build_tokenizer
+
+    directory = Path(directory)
+    cfg = read_config(directory)
+    tok = from_dict(TokenizerConfig, cfg["tokenizer"], "tokenizer")
+    tok.context_length = cfg["model"]["text"]["context_length"]
+    if tok.kind == "sentencepiece":
+        tok.model_path = str(directory / Path(tok.model_path).name)
+    return build_tokenizer(tok)
