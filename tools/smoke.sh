@@ -23,7 +23,7 @@ fi
 if [ ! -f "$DATA/fmnist-eval/dataset.json" ]; then
   rm -rf "$DATA/fmnist-eval"
   $PY tools/make_shards.py fashion-mnist --out "$DATA/fmnist-eval" --split test \
-    --count "${SMOKE_EVAL_SAMPLES:-1000}" --shard-size 500
+    --count "${SMOKE_EVAL_SAMPLES:-1000}" --shard-size 500 --regions box
 fi
 rm -rf "$OUT"
 
@@ -36,3 +36,4 @@ $RUN $COMMON checkpoint.upcycle_from="$OUT/dense/ckpt" train.steps="${SMOKE_MOE_
   run_dir="$OUT/moe" checkpoint.save_dir="$OUT/moe/ckpt"
 
 $PY tools/summarize_run.py "$OUT/dense" "$OUT/moe"
+$PY tools/plot_run.py "$OUT/dense" "$OUT/moe"

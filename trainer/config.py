@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from trainer.data.config import DataConfig, DataConfigError
+from trainer.dmu.config import DMUConfig, DMUConfigError
 from trainer.moe.config import MoEConfig, MoEConfigError
 from trainer.models.presets import MODEL_PRESETS
 
@@ -144,6 +145,7 @@ class ParallelConfig:
 
 
 LOSSES = ("clip", "siglip")
+TRAINABLE_NAMES = ("all", "ffn", "experts", "router")  # trainer/step.py TRAINABLE_SETS
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -179,6 +181,10 @@ class TrainConfig:
     # this many in a row abort the run.
     max_nonfinite_steps: int = 5
     seed: int = 0
+    # What trains (the rest is frozen: no gradient, no optimizer state): empty or [all];
+    # ffn (dense MLPs and MoE experts), experts, router, or globs over canonical parameter
+    # names (e.g. "visual.transformer.layers.11.mlp.*"); entries add up.
+    trainable: list[str] = field(default_factory=list)
     log_every: int = 1
     tensorboard: bool = True    # run_dir/tensorboard next to run_dir/metrics.jsonl
     progress_bar: bool = True   # rank 0 only, when stderr is a terminal
@@ -203,6 +209,11 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{key}.{name}={getattr(self, name)!r}: expected one of "
                                   f"{', '.join(allowed)}")
+        for i, entry in enumerate(self.trainable):
+            if entry not in TRAINABLE_NAMES and not any(c in entry for c in ".*?["):
+                raise ConfigError(f"{key}.trainable[{i}]={entry!r}: expected one of "
+                                  f"{', '.join(TRAINABLE_NAMES)} or a glob over parameter "
+                                  "names (e.g. 'visual.transformer.layers.*.mlp.*')")
 
 
 @dataclass
@@ -233,8 +244,18 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
-    """Zero-shot classification on data.eval_urls (a class-labelled split)."""
+    """Zero-shot classification, image-text retrieval and CLOC region retrieval on one eval set
+    (data.eval_urls shards, or eval.csv); see trainer/eval/__init__.py."""
     every: int = 0          # steps between evaluations (0: only before and after training)
+    # What to compute; each runs when the data supports it (zero_shot: class labels,
+    # regions: region boxes and model.prompter.layers > 0).
+    tasks: list[str] = field(default_factory=lambda: ["zero_shot", "retrieval", "regions"])
+    # A CSV eval set instead of data.eval_urls (tab-separated if it ends in .tsv): one row per
+    # (image, caption), image paths relative to the CSV's folder; the label column is optional.
+    csv: str = ""
+    csv_image_key: str = "filepath"
+    csv_caption_key: str = "title"
+    csv_label_key: str = ""
     # Class names in label order; empty: `classnames` of the dataset.json that
     # tools/make_shards.py writes beside the eval shards.
     classnames: list[str] = field(default_factory=list)
@@ -247,6 +268,12 @@ class EvalConfig:
                 raise ConfigError(f"{key}.{name}={getattr(self, name)} must be >= 0")
         if not self.templates or any("{}" not in t for t in self.templates):
             raise ConfigError(f"{key}.templates={self.templates!r}: each needs a '{{}}'")
+        known = ("zero_shot", "retrieval", "regions")
+        if any(t not in known for t in self.tasks):
+            raise ConfigError(f"{key}.tasks={self.tasks!r}: each must be one of {known}")
+        if self.csv and not (self.csv_image_key and self.csv_caption_key):
+            raise ConfigError(f"{key}.csv is set: {key}.csv_image_key and {key}.csv_caption_key "
+                              "must name its columns")
 
 
 @dataclass
@@ -257,6 +284,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    dmu: DMUConfig = field(default_factory=DMUConfig)  # `python -m trainer.dmu` only
     run_dir: str = "runs/default"
 
     def validate(self) -> None:
@@ -273,6 +301,10 @@ class Config:
         self.train.validate("train")
         self.checkpoint.validate("checkpoint")
         self.eval.validate("eval")
+        try:
+            self.dmu.validate("dmu")
+        except DMUConfigError as e:
+            raise ConfigError(str(e)) from None
         t = self.train
         if t.loss == "siglip" and self.model.logit_bias_init is None:
             raise ConfigError("train.loss=siglip needs model.logit_bias_init (SigLIP: -10 with "
@@ -290,6 +322,10 @@ class Config:
         if self.data.train_urls and self.data.image_size != self.model.vision.image_size:
             raise ConfigError(f"data.image_size={self.data.image_size} != "
                               f"model.vision.image_size={self.model.vision.image_size}")
+        moe_sets = [e for e in t.trainable if e in ("router", "experts")]
+        if moe_sets and not (self.model.vision.moe.enabled or self.model.text.moe.enabled):
+            raise ConfigError(f"train.trainable={t.trainable!r}: {moe_sets[0]} needs a tower "
+                              "with model.*.moe.num_experts > 0")
         if self.checkpoint.upcycle_from and not (self.model.vision.moe.enabled
                                                  or self.model.text.moe.enabled):
             raise ConfigError("checkpoint.upcycle_from is set but no tower has "
@@ -310,6 +346,12 @@ class Config:
                                    self.parallel.ep)
             except MoEConfigError as e:
                 raise ConfigError(str(e)) from None
+            if tower.moe.enabled and tower.moe.aux.superclass > 0 and pp > 1 and \
+                    t.activation_checkpointing:
+                raise ConfigError(f"{key}.moe.aux.superclass={tower.moe.aux.superclass} with "
+                                  f"train.activation_checkpointing at parallel.pp={pp} is not "
+                                  "supported (1F1B recomputes a microbatch after the next "
+                                  "one's labels were set)")
 
 
 def _positive(obj: Any, key: str, name: str) -> None:

@@ -15,6 +15,7 @@ the last stage computes the loss.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import functools
 import math
 from typing import Iterator
@@ -28,11 +29,49 @@ from trainer.losses import clip_loss, region_text_loss, siglip_loss
 
 
 def build_model(cfg: Config, layout: ParallelLayout) -> torch.nn.Module:
+    """This pipeline stage of CLIP, with ``train.trainable`` applied (frozen params have
+    ``requires_grad=False``: no gradient buffer, no optimizer state, never updated)."""
     from trainer.models.clip import CLIP
 
-    return CLIP(cfg.model, cfg.parallel, pre_process=layout.is_first_stage,
-                post_process=layout.is_last_stage,
-                recompute=cfg.train.activation_checkpointing)
+    model = CLIP(cfg.model, cfg.parallel, pre_process=layout.is_first_stage,
+                 post_process=layout.is_last_stage,
+                 recompute=cfg.train.activation_checkpointing)
+    apply_trainable(model, cfg.train.trainable)
+    return model
+
+
+# train.trainable names: canonical parameter names (trainer/models/state.py) they select
+TRAINABLE_SETS = {
+    "ffn": ("*.mlp.linear_fc1.*", "*.mlp.linear_fc2.*", "*.mlp.deepspeed_moe.experts.*"),
+    "experts": ("*.mlp.deepspeed_moe.experts.*",),
+    "router": ("*.mlp.deepspeed_moe.gate.*",),
+}
+
+
+def trainable_patterns(entries: list[str]) -> list[str]:
+    """``train.trainable`` entries -> glob patterns over canonical parameter names."""
+    out = []
+    for entry in entries:
+        out += list(TRAINABLE_SETS.get(entry, (entry,)))
+    return out
+
+
+def apply_trainable(model: torch.nn.Module, entries: list[str]) -> int:
+    """Freezes every parameter that no entry of ``train.trainable`` selects (empty or "all":
+    nothing is frozen). Returns how many parameter tensors stay trainable on this rank;
+    ``build_optimizer`` refuses a model with none."""
+    from trainer.models.state import canonical_names
+
+    if not entries or "all" in entries:
+        return sum(1 for _ in model.parameters())
+    patterns = trainable_patterns(entries)
+    names = canonical_names(model)
+    kept = 0
+    for name, p in model.named_parameters():
+        keep = any(fnmatch.fnmatchcase(names[name], pat) for pat in patterns)
+        p.requires_grad_(keep)
+        kept += keep
+    return kept
 
 
 def wrap_ddp(model: torch.nn.Module) -> torch.nn.Module:
@@ -90,8 +129,17 @@ def compute_loss(out: dict, batch: dict, cfg: TrainConfig) -> tuple[torch.Tensor
     return loss, metrics
 
 
+def route_labels(model: torch.nn.Module, labels: torch.Tensor | None) -> None:
+    """Hands the microbatch's class labels to the super-class guided MoE layers (Mobile V-MoE,
+    trainer/moe/layer.py); None clears them."""
+    for m in unwrap(model).modules():
+        if getattr(m, "uses_class_labels", False):
+            m.class_labels = labels
+
+
 def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module, cfg: TrainConfig):
     batch = next(data_iterator)
+    route_labels(model, batch.get("labels"))
     regions = cfg.region_loss_weight > 0 and "region_boxes" in batch
     with autocast(cfg):
         output = model(batch.get("images"), batch.get("text"),
@@ -115,11 +163,14 @@ def forward_backward(model: torch.nn.Module, microbatches: list[dict], cfg: Conf
     # MoE aux losses ride on the layer outputs; their gradient is scaled like the main loss
     # (which the schedule divides by the number of microbatches).
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / len(microbatches)))
-    losses = get_forward_backward_func()(
-        forward_step_func=functools.partial(forward_step, cfg=cfg.train),
-        data_iterator=iter(microbatches), model=[model],
-        num_microbatches=len(microbatches), seq_length=cfg.model.vision.seq_length,
-        micro_batch_size=_batch_size(microbatches[0]), forward_only=forward_only)
+    try:
+        losses = get_forward_backward_func()(
+            forward_step_func=functools.partial(forward_step, cfg=cfg.train),
+            data_iterator=iter(microbatches), model=[model],
+            num_microbatches=len(microbatches), seq_length=cfg.model.vision.seq_length,
+            micro_batch_size=_batch_size(microbatches[0]), forward_only=forward_only)
+    finally:
+        route_labels(model, None)  # evaluation forwards carry no labels
     if not losses:
         return None
     return {k: float(torch.stack([d[k] for d in losses]).mean()) for k in losses[0]}
@@ -216,6 +267,8 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
     As open_clip: no weight decay on gains, biases (the experts' stacked ``b1``/``b2`` too),
     the class embedding and the logit scale/bias. Each group carries ``lr_mult``; ``set_lr``
     applies it."""
+    from trainer.models.state import canonical_names
+
     t = cfg.train
     mult = {"dense": 1.0, "expert": t.lr_mult_experts, "router": t.lr_mult_routers}
     groups: dict[tuple[str, bool], list] = {}
@@ -225,6 +278,10 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
         decay = (p.ndim >= 2 and "logit_" not in name
                  and not name.endswith(("bias", "experts.b1", "experts.b2")))
         groups.setdefault((param_kind(name, p), decay), []).append(p)
+    if not groups:
+        example = next(iter(canonical_names(unwrap(model)).values()))
+        raise ValueError(f"train.trainable={t.trainable!r} selects no parameter of this model "
+                         f"(pipeline stage); canonical names look like {example!r}")
     param_groups = [{"params": ps, "weight_decay": t.weight_decay if decay else 0.0,
                      "lr_mult": mult[kind], "name": f"{kind}_{'decay' if decay else 'no_decay'}"}
                     for (kind, decay), ps in sorted(groups.items())]

@@ -146,7 +146,8 @@ def run(cfg: Config, launch, layout: ParallelLayout, signals=None) -> dict:
     from trainer.data import build_tokenizer
     from trainer.distributed import init_distributed
     from trainer.distributed.rng import rng_state, set_rng_state
-    from trainer.eval.zeroshot import evaluate
+    from trainer.eval import evaluate, format_metrics
+    from trainer.eval.embed import EvalSetError
     from trainer.metrics import (MetricsLogger, model_flops_per_sample, moe_layer_stats,
                                  peak_flops)
     from trainer.signals import (EXIT_NONFINITE, EXIT_REQUEUE, StopSignals,
@@ -192,12 +193,16 @@ def run(cfg: Config, launch, layout: ParallelLayout, signals=None) -> dict:
     history, evals, nonfinite_run, exit_code = [], [], 0, 0
 
     def run_eval(step: int) -> None:
-        acc = evaluate(ddp, cfg, layout, tokenizer)
-        if reporter and acc is not None:
-            log.info("step %d: zero-shot top-1 %.4f top-5 %.4f (%d images)", step,
-                     acc["zero_shot_top1"], acc["zero_shot_top5"], acc["eval_images"])
-            metrics_log.log(step, {f"eval/{k}": v for k, v in acc.items()})
-            evals.append({"step": step, **acc})
+        try:
+            result = evaluate(ddp, cfg, layout, tokenizer)
+        except EvalSetError as e:  # raised on every rank alike; training goes on
+            if launch.rank == 0:
+                log.error("step %d: evaluation skipped: %s", step, e)
+            return
+        if reporter and result is not None:
+            log.info("step %d: %s", step, format_metrics(result))
+            metrics_log.log(step, {f"eval/{k}": v for k, v in result.items()})
+            evals.append({"step": step, **result})
 
     def save(step: int) -> None:
         state["data_epoch"] = batches.loader.epoch if batches.loader is not None else 0

@@ -86,6 +86,9 @@ class DataConfig:
     # optional otherwise, where it caps the epoch so every rank runs the same number of steps.
     batches_per_epoch: int = 0
     drop_last: bool = True            # training: only full batches (fixed shapes)
+    # A JSON label table {"labels": {sample key: group}} (DMU writes one per stage): every
+    # training batch then holds samples of one group only (grouping.py); empty: plain batches.
+    group_labels: str = ""
     image_size: int = 224
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     max_regions: int = 0              # R: region boxes/captions per image (0: global loss only)

@@ -43,7 +43,8 @@ class ShardDataset(IterableDataset):
 
     def __init__(self, urls: list[str], processor: SampleProcessor, *, rank: int, world: int,
                  num_workers: int, batch_size: int, drop_last: bool, seed: int,
-                 shuffle_shards: bool, shuffle_buffer: int, resampled: bool, train: bool):
+                 shuffle_shards: bool, shuffle_buffer: int, resampled: bool, train: bool,
+                 labels: dict[str, int] | None = None):
         if not 0 <= rank < world:
             raise ValueError(f"rank={rank} is outside world={world}")
         self.urls = urls
@@ -52,6 +53,7 @@ class ShardDataset(IterableDataset):
         self.batch_size, self.drop_last = batch_size, drop_last
         self.seed, self.shuffle_shards, self.shuffle_buffer = seed, shuffle_shards, shuffle_buffer
         self.resampled, self.train = resampled, train
+        self.labels = labels  # sample key -> group: label-grouped batches (grouping.py)
         self.epoch = 0
         self.cursors = [Cursor() for _ in range(self.num_workers)]
 
@@ -68,6 +70,10 @@ class ShardDataset(IterableDataset):
                              shuffle=self.shuffle_shards, resampled=self.resampled)
 
     def worker_items(self, w: int) -> Iterator[dict]:
+        if self.labels is not None:
+            from trainer.data.grouping import grouped_worker_items
+            yield from grouped_worker_items(self, w)
+            return
         start = self.cursors[w]
         counters = DataCounters(start.counters)
         stream = SampleStream(lambda: self.shards_of(w), self.shuffle_buffer if self.train else 1,
@@ -246,10 +252,15 @@ def build_train_loader(cfg: DataConfig, rank: int, world: int,
     if not cfg.resampled and len(urls) < slots:
         log.warning("data: %d shards for %d (rank x worker) slots: some workers get no shard; "
                     "use more shards or data.resampled=true", len(urls), slots)
+    labels = None
+    if cfg.group_labels:
+        from trainer.data.grouping import load_label_table
+        labels = load_label_table(cfg.group_labels)
     ds = ShardDataset(urls, _processor(cfg, True, tokenizer), rank=rank, world=world,
                       num_workers=cfg.workers, batch_size=cfg.batch_size, drop_last=cfg.drop_last,
                       seed=cfg.seed, shuffle_shards=cfg.shuffle_shards,
-                      shuffle_buffer=cfg.shuffle_buffer, resampled=cfg.resampled, train=True)
+                      shuffle_buffer=cfg.shuffle_buffer, resampled=cfg.resampled, train=True,
+                      labels=labels)
     return ShardLoader(ds, workers=cfg.workers, prefetch_factor=cfg.prefetch_factor,
                        pin_memory=cfg.pin_memory, batches_per_epoch=cfg.batches_per_epoch)
 

@@ -1,1 +1,114 @@
-"""Evaluation: zero-shot classification (zeroshot.py)."""
+"""Evaluation: zero-shot classification (zeroshot.py), image-text retrieval Recall@K
+(retrieval.py) and CLOC region retrieval (regions.py), all from one pass of embeddings over
+the eval set (embed.py).
+
+    result = evaluate(ddp_model, cfg, layout, tokenizer)      # collective: the in-training hook
+    result = compute_metrics(embeddings, cfg, encode_text, tokenizer)   # any model's embeddings
+
+``eval.tasks`` names what to compute; a task runs when the data supports it (zero_shot: some
+samples carry a class label; regions: some samples carry region boxes and the model has a CLOC
+prompter). The result is one flat dict (train.py logs it as ``eval/<key>``):
+
+  eval_images                                     samples evaluated
+  zero_shot_top1, zero_shot_top5, zero_shot_images
+  image_to_text_r{1,5,10}, text_to_image_r{1,5,10}   (+ ``_chance``: a random ranking's value)
+  retrieval_images, retrieval_texts               distinct images / captions
+  region_to_text_r{1,5,10}, text_to_region_r{1,5,10} (+ ``_chance``), regions, region_texts
+
+Importing this package is cheap; torch and megatron load when a function runs.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+TASKS = ("zero_shot", "retrieval", "regions")
+
+__all__ = ["TASKS", "compute_metrics", "eval_mode", "evaluate", "format_metrics"]
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """``model.eval()`` inside, the previous mode after; MoE routing statistics gathered
+    meanwhile are dropped (evaluation stays out of the training statistics)."""
+    from trainer.moe.layer import MoEMLP
+    from trainer.step import unwrap
+
+    inner = unwrap(model)
+    was_training = inner.training
+    model.eval()
+    try:
+        yield
+    finally:
+        if was_training:
+            model.train()
+        for m in inner.modules():
+            if isinstance(m, MoEMLP):
+                m.pop_stats()
+
+
+def compute_metrics(emb, cfg, encode_text: Callable | None = None, tokenizer=None,
+                    device=None, tasks=None, names: list[str] | None = None) -> dict:
+    """The metrics of ``emb`` (an ``embed.Embeddings``). Pure but for zero-shot, which runs
+    ``encode_text`` on the class prompts (``cfg.eval.templates``; class names from ``names``
+    or ``zeroshot.class_names(cfg)``). With this repo's MoE CLIP, call it on every
+    last-stage rank alike (text experts exchange tokens)."""
+    import torch
+
+    from trainer.eval.regions import region_retrieval
+    from trainer.eval.retrieval import image_text_retrieval
+    from trainer.eval.zeroshot import class_names, classifier, zero_shot_topk
+
+    tasks = tuple(cfg.eval.tasks if tasks is None else tasks)
+    out: dict = {"eval_images": emb.num_samples}
+    if "zero_shot" in tasks and bool((emb.labels >= 0).any()):
+        if encode_text is None or tokenizer is None:
+            raise ValueError("zero-shot needs encode_text and a tokenizer")
+        names = names or class_names(cfg)
+        with torch.no_grad():
+            weights = classifier(encode_text, tokenizer, names, list(cfg.eval.templates),
+                                 device=device)
+        out.update(zero_shot_topk(emb.image, emb.labels, weights))
+    if "retrieval" in tasks and emb.text is not None and emb.num_samples:
+        out.update(image_text_retrieval(emb.image, emb.text, emb.image_ids, emb.text_ids))
+    if "regions" in tasks and emb.region is not None and emb.region.shape[0]:
+        out.update(region_retrieval(emb.region, emb.region_text, emb.region_text_ids))
+    return out
+
+
+def evaluate(model, cfg, layout, tokenizer, tasks=None,
+             names: list[str] | None = None) -> dict | None:
+    """Collective (every rank): the metrics of ``eval.tasks`` (or ``tasks``) on the eval set
+    (``eval.csv`` or ``data.eval_urls``) on the last pipeline stage; None elsewhere, and None
+    everywhere when no eval set is configured. Raises ``embed.EvalSetError`` (on every rank)
+    when the eval set cannot be read."""
+    if not (cfg.data.eval_urls or cfg.eval.csv):
+        return None
+    from trainer.eval.embed import embed_distributed
+    from trainer.step import autocast, unwrap
+
+    tasks = tuple(cfg.eval.tasks if tasks is None else tasks)
+    with eval_mode(model):
+        emb = embed_distributed(model, cfg, layout, tokenizer,
+                                text="retrieval" in tasks or "regions" in tasks,
+                                regions="regions" in tasks)
+        if emb is None:
+            return None
+        inner = unwrap(model)
+        with autocast(cfg.train):
+            return compute_metrics(emb, cfg, inner.encode_text, tokenizer,
+                                   next(inner.parameters()).device, tasks, names)
+
+
+def format_metrics(m: dict) -> str:
+    """One log line: ``zero-shot top-1 0.7000 top-5 0.9800 | image->text R@1/5/10 ...``."""
+    parts = []
+    if "zero_shot_top1" in m:
+        parts.append(f"zero-shot top-1 {m['zero_shot_top1']:.4f} top-5 {m['zero_shot_top5']:.4f}")
+    for name, label in (("image_to_text", "image->text"), ("text_to_image", "text->image"),
+                        ("region_to_text", "region->text"), ("text_to_region", "text->region")):
+        ks = [k for k in (1, 5, 10) if f"{name}_r{k}" in m]
+        if ks:
+            parts.append(f"{label} R@{'/'.join(map(str, ks))} "
+                         + "/".join(f"{m[f'{name}_r{k}']:.3f}" for k in ks))
+    return " | ".join(parts) + f" ({m.get('eval_images', 0)} samples)"

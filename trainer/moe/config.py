@@ -7,8 +7,10 @@ is set when ``num_experts > 0``; ``num_experts = 0`` leaves the tower dense.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 class MoEConfigError(ValueError):
@@ -30,6 +32,9 @@ class AuxLossConfig:
     entropy_local: float = 0.0    # LIMoE: mean per-token routing entropy (sharp choices)
     entropy_global: float = 0.0   # LIMoE: max(0, threshold - entropy of the mean routing)
     entropy_global_threshold: float = -1.0  # < 0: log(num_experts), i.e. always active
+    # Mobile V-MoE: cross-entropy between an image's router logits and its super-class (the
+    # expert ``superclass_map`` assigns to its class label); image routing only.
+    superclass: float = 0.0
 
 
 @dataclass
@@ -52,6 +57,10 @@ class MoEConfig:
     router_init_std: float = 0.02
     routing: str = "token"        # token | image (Mobile V-MoE: one decision per image)
     image_router_input: str = "cls"  # image routing reads the class token or the mean token
+    # Class label -> super-class (= expert index), used when aux.superclass > 0: the list
+    # itself, or a JSON file holding it (or {"superclass_of_class": [...]}, which
+    # `python -m trainer.dmu.superclass` writes from k-means of class-name text embeddings).
+    superclass_map: str | list[int] = ""
     aux: AuxLossConfig = field(default_factory=AuxLossConfig)
 
     @property
@@ -110,6 +119,37 @@ class MoEConfig:
                 raise err(f"{name}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
         if self.routing == "image" and tower != "vision":
             raise err("routing='image' is for the vision tower only")
-        for name in ("load_balance", "z_loss", "entropy_local", "entropy_global"):
+        for name in ("load_balance", "z_loss", "entropy_local", "entropy_global", "superclass"):
             if getattr(self.aux, name) < 0:
                 raise err(f"aux.{name}={getattr(self.aux, name)} must be >= 0")
+        if self.aux.superclass > 0:
+            if self.routing != "image":
+                raise err(f"aux.superclass={self.aux.superclass} needs routing='image' (one "
+                          f"decision per image; got {self.routing!r})")
+            try:
+                self.superclasses()
+            except ValueError as e:
+                raise err(str(e)) from None
+
+    def superclasses(self) -> list[int]:
+        """Class label -> super-class (expert) from ``superclass_map``; ValueError naming the
+        field when the list or the file is missing or malformed."""
+        raw = self.superclass_map
+        if isinstance(raw, str):
+            path = Path(raw) if raw else None
+            if path is None or not path.is_file():
+                raise ValueError(f"superclass_map={raw!r}: no such file (give a list of one "
+                                 "expert index per class label, or a JSON file holding it)")
+            try:
+                raw = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"superclass_map={self.superclass_map!r}: not valid JSON "
+                                 f"({e.msg})") from None
+        if isinstance(raw, dict):
+            raw = raw.get("superclass_of_class")
+        if (not isinstance(raw, list) or not raw
+                or not all(isinstance(v, int) and 0 <= v < self.num_experts for v in raw)):
+            raise ValueError(f"superclass_map={self.superclass_map!r}: expected a non-empty "
+                             f"list of expert indices in [0, {self.num_experts}) (or "
+                             '{"superclass_of_class": [...]})')
+        return list(raw)

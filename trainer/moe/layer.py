@@ -9,12 +9,22 @@ the mean token decides for all of the image's tokens). At TP > 1 each TP rank ro
 the units (see dispatch.py). The weighted router aux losses ride on the output through
 megatron's ``MoEAuxLossAutoScaler``, so their gradient reaches the router on every pipeline
 stage with no loss plumbing.
+
+Mobile V-MoE's super-class guidance (``aux.superclass > 0``, image routing): the training step
+hands each MoE layer the microbatch's class labels (``class_labels``, set by
+``trainer.step.forward_step``); the layer maps them to super-classes through
+``superclass_map`` and adds the weighted cross-entropy between the router logits and the
+super-class to the aux losses. That loss reaches the router weights only (the router input is
+detached for it): it guides routing without turning into a classification loss on the tower.
+``force_expert(model, e)`` routes every unit to expert e alone.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
+import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.transformer.module import MegatronModule
@@ -27,9 +37,9 @@ from trainer.moe.dispatch import (CapacityDispatch, busiest_expert, dropless_dis
                                   expert_counts, gather_from_tp, scatter_to_tp)
 from trainer.moe.experts import GroupedExperts
 from trainer.moe.groups import use_megatron_groups
-from trainer.moe.router import Router, aux_losses
+from trainer.moe.router import Router, aux_losses, superclass_loss
 
-AUX_LOSSES = ("load_balance", "z_loss", "entropy_local", "entropy_global")
+AUX_LOSSES = ("load_balance", "z_loss", "entropy_local", "entropy_global", "superclass")
 
 
 class MoEMLP(MegatronModule):
@@ -55,6 +65,12 @@ class MoEMLP(MegatronModule):
         self.deepspeed_moe._set_ep_group(self.ep_group)
         self.layer_number = 0
         self.stats: dict[str, torch.Tensor] = {}
+        # super-class guided routing: class label -> expert, and this microbatch's labels
+        self.uses_class_labels = moe.aux.superclass > 0
+        self.class_labels: torch.Tensor | None = None
+        if self.uses_class_labels:
+            self.register_buffer("superclass_of_class", torch.tensor(moe.superclasses()),
+                                 persistent=False)
 
     @property
     def router(self) -> Router:
@@ -82,15 +98,31 @@ class MoEMLP(MegatronModule):
         flat = x.reshape(s * b, 1, d)
         return flat, flat[:, 0], valid
 
+    def _superclass_targets(self, units: int, device) -> torch.Tensor | None:
+        """[units] super-class (expert) of each image, -1 where the class label is missing or
+        outside the map; None when this microbatch carries no labels."""
+        if not self.uses_class_labels or self.class_labels is None:
+            return None
+        labels = self.class_labels.to(device).long()
+        if labels.shape != (units,):
+            raise ValueError(f"super-class routing: {tuple(labels.shape)} class labels for "
+                             f"{units} images")
+        lut = self.superclass_of_class
+        known = (labels >= 0) & (labels < lut.numel())
+        return torch.where(known, lut[labels.clamp(0, lut.numel() - 1)], -1)
+
     def forward(self, hidden: torch.Tensor, padding_mask: torch.Tensor | None = None, **_):
         s, b, d = hidden.shape
         tokens, router_in, valid = self._units(hidden, padding_mask)
         units, per_unit = tokens.shape[:2]
+        targets = self._superclass_targets(units, hidden.device)
         pad = -units % self.tp                                      # units split evenly over TP
         if pad:
             tokens = torch.cat([tokens, tokens.new_zeros(pad, per_unit, d)])
             router_in = torch.cat([router_in, router_in.new_zeros(pad, d)])
             valid = torch.cat([valid, valid.new_zeros(pad)])
+            if targets is not None:
+                targets = torch.cat([targets, targets.new_full((pad,), -1)])
         tokens = scatter_to_tp(tokens, self.tp_group, self.tp)
         router_in = scatter_to_tp(router_in, self.tp_group, self.tp)
         valid = valid.chunk(self.tp)[self.tp_rank]
@@ -98,7 +130,7 @@ class MoEMLP(MegatronModule):
         routing, logits, probs, chosen = self.router(router_in, valid, self._capacity_fn())
         flat = tokens.reshape(-1, d)
         routing = _expand(routing, per_unit)
-        if self.cfg.dispatch == "dropless":
+        if self.cfg.dispatch == "dropless" or routing.capacity is None:  # forced: no capacity
             out = dropless_dispatch(flat, routing, self.experts, self.ep_group, self.ep)
         else:
             out = self.deepspeed_moe(flat, routing)
@@ -107,9 +139,13 @@ class MoEMLP(MegatronModule):
         out = out.to(hidden.dtype)                                  # [s, b, d]
 
         losses = aux_losses(logits, probs, chosen, valid, self.cfg.global_threshold())
+        if targets is not None:  # trains the router alone: its input is detached here
+            losses["superclass"] = superclass_loss(
+                F.linear(router_in.detach().float(), self.router.wg.weight.float()),
+                targets.chunk(self.tp)[self.tp_rank])
         self._record(routing, valid, losses)
         if torch.is_grad_enabled():
-            total = sum(getattr(self.cfg.aux, n) * losses[n] for n in AUX_LOSSES)
+            total = sum(getattr(self.cfg.aux, n) * losses[n] for n in AUX_LOSSES if n in losses)
             out = MoEAuxLossAutoScaler.apply(out, total / self.tp)
         return out, None
 
@@ -170,3 +206,26 @@ def _expand(routing, per_unit: int):
                    rep(routing.weights),
                    None if routing.capacity is None else routing.capacity * per_unit,
                    routing.wanted * per_unit)
+
+
+def moe_mlps(model: torch.nn.Module) -> list[MoEMLP]:
+    """Every MoE layer of ``model`` (a CLIP stage, DDP-wrapped or not), in module order."""
+    return [m for m in model.modules() if isinstance(m, MoEMLP)]
+
+
+@contextlib.contextmanager
+def force_expert(model: torch.nn.Module, expert: int):
+    """Within the block every MoE layer sends every unit to ``expert`` alone (weight 1, no
+    capacity limit): the model computes what that expert's dense model computes."""
+    layers = moe_mlps(model)
+    for m in layers:
+        if not 0 <= expert < m.cfg.num_experts:
+            raise ValueError(f"force_expert: expert {expert} outside [0, {m.cfg.num_experts})")
+    before = [m.router.forced_expert for m in layers]
+    for m in layers:
+        m.router.forced_expert = expert
+    try:
+        yield
+    finally:
+        for m, old in zip(layers, before):
+            m.router.forced_expert = old

@@ -14,6 +14,10 @@ routing units (tokens, or whole images under image-level routing):
 3. weigh: the kept routes' probabilities renormalised to sum to 1 (top-2), or the
    straight-through ``p1 / p1.detach()`` (top-1: 1.0 forward, the router still learns);
 4. aux losses and statistics over the valid (non-padding) units only.
+
+``Router.forced_expert = e`` (see ``trainer.moe.layer.force_expert``) sends every valid unit to
+expert e alone with weight 1 and no capacity limit: the MoE model then computes exactly what
+expert e's dense model does (per-expert evaluation; the DMU assembly check).
 """
 from __future__ import annotations
 
@@ -109,6 +113,15 @@ def aux_losses(logits: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor,
     }
 
 
+def superclass_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mobile V-MoE's router guidance: mean cross-entropy between the router logits [U, E] and
+    each unit's super-class (= expert index) ``targets [U]``; units with target < 0 (no class
+    label, padding) do not count. 0 when no unit has a target."""
+    keep = (targets >= 0).to(logits.dtype)
+    ce = F.cross_entropy(logits, targets.clamp_min(0), reduction="none")
+    return (ce * keep).sum() / keep.sum().clamp_min(1.0)
+
+
 class Router(TopKGate):
     """DeepSpeed's gate module (``wg``: Linear(d, E, bias=False)) under our routing rules."""
 
@@ -120,6 +133,7 @@ class Router(TopKGate):
                          drop_tokens=cfg.drop_tokens, use_rts=False,
                          top2_2nd_expert_sampling=False)
         self.cfg = cfg
+        self.forced_expert: int | None = None
         with torch.no_grad():
             if cfg.router_init == "zeros":
                 self.wg.weight.zero_()
@@ -144,8 +158,18 @@ class Router(TopKGate):
         chosen)."""
         logits = self.logits(x)
         chosen, probs = choose(logits, self.k, self.cfg.noisy_gate, self.training)
+        if self.forced_expert is not None:
+            return self._forced(valid), logits, probs, chosen
         capacity = capacity_fn(chosen, valid) if capacity_fn else self.capacity(x.shape[0])
         experts, slots = assign(chosen, valid, self.cfg.num_experts, capacity)
         routing = Routing(experts, slots, weigh(probs, experts, chosen), capacity,
                           valid.sum() * self.k)
         return routing, logits, probs, chosen
+
+    def _forced(self, valid: torch.Tensor) -> Routing:
+        """Every valid unit to ``forced_expert`` only (weight 1), no capacity: dropless."""
+        u = valid.shape[0]
+        wanted = torch.full((u, self.k), -1, dtype=torch.long, device=valid.device)
+        wanted[:, 0] = self.forced_expert
+        experts, slots = assign(wanted, valid, self.cfg.num_experts, None)
+        return Routing(experts, slots, (experts >= 0).float(), None, valid.sum())
