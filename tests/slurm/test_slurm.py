@@ -72,7 +72,7 @@ def job_info(env: dict, job: str) -> dict:
 
 def wait(env: dict, job: str, out: Path, timeout: float = 240, until=None) -> dict:
     """Poll until the job has ended (or ``until(info)`` holds); release requeue holds."""
-    deadline = time.time() + timeout
+    deadline, held_since = time.time() + timeout, None
     while time.time() < deadline:
         info = job_info(env, job)
         if until is not None and until(info):
@@ -81,8 +81,13 @@ def wait(env: dict, job: str, out: Path, timeout: float = 240, until=None) -> di
         if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
             return info
         if state == "PENDING" and info.get("Reason") == "BeginTime":
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env,
-                           check=True, timeout=30)
+            # Not at once: slurmd revokes the old run's credential with 1 s resolution, and a
+            # restart within that second is killed ("Job credential revoked").
+            held_since = held_since or time.time()
+            if time.time() - held_since > 3:
+                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env,
+                               check=True, timeout=30)
+                held_since = None
         time.sleep(1)
     subprocess.run(["scancel", job], env=env, timeout=30)
     pytest.fail(f"job {job} did not end in {timeout}s: {job_info(env, job)}\n"
