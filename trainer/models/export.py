@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from trainer.checkpoint import _all_gather, _rank  # the checkpoint's collectives
 from trainer.config import Config, ConfigError, ModelConfig, ParallelConfig, from_dict
 from trainer.distributed.layout import ParallelLayout
 from trainer.hub import (CHECKSUMS_FILE, CONFIG_FILE, FORMAT, FORMAT_VERSION, WEIGHTS_FILE,
@@ -69,18 +70,6 @@ def progress(iterable, total: int | None = None, desc: str = "", unit: str = "it
 
 
 # --------------------------------------------------------------------------- collectives
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _all_gather(obj) -> list:
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
 
 def on_rank0(fn, *args, **kwargs):
     """Collective: ``fn`` runs on rank 0; its result, or its error (re-raised as
