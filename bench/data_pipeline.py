@@ -25,10 +25,17 @@ What is timed (samples/s, median of --repeats; each repeat reads every shard onc
                       DataLoader worker (= throughput per worker). For data.normalize=loader
                       (float CLIP-normalised images, the default) and =device (uint8 images,
                       normalised later on the accelerator by normalize_on_device)
+  pipeline_1_worker_device_normalize
+                      normalize=device through the DataLoader with one worker process (the real
+                      per-worker path: batches in shared memory, handed to the main process,
+                      which only iterates, so the worker has a core to itself here)
   pipeline_workers    the same (normalize=loader) through the DataLoader with --workers worker
                       processes; "per worker" = total / workers. On this 2-core machine the
                       main process shares the cores with the workers.
 The ratio pipeline / raw decode is per worker (in-process pipeline over one-process decode).
+  interleaved         the in-process pipeline and raw decode taking turns, a batch each, so
+                      both meet the same load from other jobs (the steadiest ratio on a shared
+                      machine; see `bench_interleaved`)
 stage_ms_per_sample: where the time goes, each stage timed on its own (see `stage_times`).
 --before PATH copies an earlier run's numbers (e.g. of the previous code) into the JSON.
 
@@ -159,6 +166,37 @@ def bench_pipeline(cfg: DataConfig) -> tuple[float, dict]:
     return rate, shapes
 
 
+def bench_interleaved(pattern: str, cfg: DataConfig) -> dict[str, float]:
+    """The in-process pipeline and raw decode taking turns: one pipeline batch of B samples,
+    then a raw decode of B JPEGs, over one epoch. Both sides of each pair meet the same load
+    from other jobs on a shared machine, which whole-run timings, seconds apart, do not.
+    Returns raw decode time / pipeline time (= pipeline samples/s over raw decode's) over the
+    epoch, and the median over the pairs."""
+    blobs = [s["jpg"] for url in expand_urls(pattern) for s in read_shard(url)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    clock = time.perf_counter
+    it = iter(build_train_loader(cfg, rank=0, world=1))
+    pipe_s, raw_s, ratios, j = 0.0, 0.0, [], 0
+    while True:
+        t = clock()
+        batch = next(it, None)
+        dt = clock() - t
+        if batch is None:
+            break
+        n = len(batch["keys"])
+        t = clock()
+        for i in range(j, j + n):
+            Image.open(io.BytesIO(blobs[i % len(blobs)])).convert("RGB")
+        rt = clock() - t
+        j += n
+        pipe_s, raw_s = pipe_s + dt, raw_s + rt
+        ratios.append(rt / dt)
+    torch.set_num_threads(threads)
+    return {"epoch": raw_s / pipe_s, "median_pair": statistics.median(ratios),
+            "pipeline_samples_per_s": j / pipe_s, "raw_samples_per_s": j / raw_s}
+
+
 def stage_times(pattern: str, cfg: DataConfig) -> dict[str, float]:
     """Approximate ms per sample of each stage, timed one after another on every sample with the
     pipeline's own functions (one thread, no shuffle buffer; the sum is close to, not equal to,
@@ -206,15 +244,27 @@ def stage_times(pattern: str, cfg: DataConfig) -> dict[str, float]:
     return {k: round(v / n * 1e3, 3) for k, v in acc.items()}
 
 
+def _ratio_names(workers: int) -> dict[str, str]:
+    return {"pipeline_inproc": "per_worker_inproc",
+            "pipeline_inproc_device_normalize": "per_worker_inproc_device_normalize",
+            "pipeline_1_worker_device_normalize": "per_worker_1_worker_device_normalize",
+            "pipeline_workers": f"per_worker_{workers}_workers"}
+
+
 def paired(runs: dict[str, list[float]], workers: int) -> dict[str, float]:
     """Median over repeats of each pipeline run / the raw decode run of the same repeat."""
     raw = runs["raw_pil_decode"]
-    names = {"pipeline_inproc": "per_worker_inproc",
-             "pipeline_inproc_device_normalize": "per_worker_inproc_device_normalize",
-             "pipeline_workers": f"per_worker_{workers}_workers"}
-    return {names[k]: round(statistics.median(v / r / (workers if k == "pipeline_workers" else 1)
-                                              for v, r in zip(runs[k], raw)), 3)
-            for k in names if runs.get(k)}
+    return {name: round(statistics.median(v / r / (workers if k == "pipeline_workers" else 1)
+                                          for v, r in zip(runs[k], raw)), 3)
+            for k, name in _ratio_names(workers).items() if runs.get(k)}
+
+
+def best(runs: dict[str, list[float]], workers: int) -> dict[str, float]:
+    """Best repeat of each pipeline run / best repeat of raw decode: each side's least
+    disturbed run (timeit's rule), the steadiest figure when other jobs share the cores."""
+    raw = max(runs["raw_pil_decode"])
+    return {name: round(max(runs[k]) / raw / (workers if k == "pipeline_workers" else 1), 3)
+            for k, name in _ratio_names(workers).items() if runs.get(k)}
 
 
 def main() -> int:
@@ -273,20 +323,26 @@ def main() -> int:
             return 0
 
         runs: dict[str, list[float]] = {"raw_pil_decode": [], "pipeline_inproc": [],
-                                        "pipeline_inproc_device_normalize": [], "pipeline_workers": []}
+                                        "pipeline_inproc_device_normalize": [],
+                                        "pipeline_1_worker_device_normalize": [], "pipeline_workers": []}
         shapes: dict = {}
         shapes_device: dict = {}
         stage_runs: dict[str, list[dict]] = {"loader": [], "device": []}
+        inter: dict[str, list[dict]] = {"loader": [], "device": []}
         for r in range(args.repeats):
             runs["raw_pil_decode"].append(bench_raw(pattern))
             rate, shapes = bench_pipeline(cfg(0))
             runs["pipeline_inproc"].append(rate)
             rate, shapes_device = bench_pipeline(cfg(0, "device"))
             runs["pipeline_inproc_device_normalize"].append(rate)
+            runs["pipeline_1_worker_device_normalize"].append(bench_pipeline(cfg(1, "device"))[0])
             runs["pipeline_workers"].append(bench_pipeline(cfg(args.workers))[0])
             print(f"run {r}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in runs.items()), flush=True)
             for mode in ("loader", "device"):
                 stage_runs[mode].append(stage_times(pattern, cfg(0, mode)))
+                inter[mode].append(bench_interleaved(pattern, cfg(0, mode)))
+            print(f"  interleaved pipeline / raw decode: {inter['loader'][-1]} (loader), "
+                  f"{inter['device'][-1]} (device)", flush=True)
             print(f"  stages ms/sample (normalize=loader): {stage_runs['loader'][-1]}", flush=True)
 
     med = {k: statistics.median(v) for k, v in runs.items()}
@@ -312,6 +368,7 @@ def main() -> int:
             "raw_pil_decode": round(med["raw_pil_decode"], 1),
             "pipeline_inproc_per_worker": round(med["pipeline_inproc"], 1),
             "pipeline_inproc_per_worker_device_normalize": round(med["pipeline_inproc_device_normalize"], 1),
+            "pipeline_1_worker_device_normalize": round(med["pipeline_1_worker_device_normalize"], 1),
             f"pipeline_{W}_workers_total": round(med["pipeline_workers"], 1),
             f"pipeline_{W}_workers_per_worker": round(med["pipeline_workers"] / W, 1),
         },
@@ -319,6 +376,8 @@ def main() -> int:
             "per_worker_inproc": round(med["pipeline_inproc"] / med["raw_pil_decode"], 3),
             "per_worker_inproc_device_normalize": round(
                 med["pipeline_inproc_device_normalize"] / med["raw_pil_decode"], 3),
+            "per_worker_1_worker_device_normalize": round(
+                med["pipeline_1_worker_device_normalize"] / med["raw_pil_decode"], 3),
             f"per_worker_{W}_workers": round(med["pipeline_workers"] / W / med["raw_pil_decode"], 3),
         },
         "stage_ms_per_sample": {
@@ -333,6 +392,22 @@ def main() -> int:
                     "when the shared machine's load drifts between repeats",
             **paired(runs, W),
         },
+        "pipeline_over_raw_decode_interleaved": {
+            "note": ("in-process pipeline batches and raw decodes of as many JPEGs taking turns "
+                     "(bench_interleaved): each pair meets the same machine load. 'epoch': total "
+                     "raw time / total pipeline time over the epoch; 'median_pair': the median pair's "
+                     "ratio; each the median over repeats"),
+            **{f"per_worker_inproc{'' if mode == 'loader' else '_device_normalize'}": {
+                "epoch": round(statistics.median(r["epoch"] for r in runs_), 3),
+                "median_pair": round(statistics.median(r["median_pair"] for r in runs_), 3)}
+               for mode, runs_ in inter.items()},
+            "runs": {mode: [{k: round(v, 3 if v < 10 else 1) for k, v in r.items()} for r in runs_]
+                     for mode, runs_ in inter.items()},
+        },
+        "pipeline_over_raw_decode_best": {
+            "note": "best repeat over best repeat (each side's least disturbed run)",
+            **best(runs, W),
+        },
         "repeats": args.repeats,
         "runs": runs,
         "note": ("2-core CPU shared with other jobs: numbers are noisy, medians of the repeats; "
@@ -344,12 +419,16 @@ def main() -> int:
         result["before"] = {"what": args.before_label, "samples_per_s": prev["samples_per_s"],
                             "pipeline_over_raw_decode": prev["pipeline_over_raw_decode"],
                             "pipeline_over_raw_decode_paired": paired(prev["runs"], W),
+                            "pipeline_over_raw_decode_best": best(prev["runs"], W),
+                            "pipeline_over_raw_decode_interleaved":
+                                prev.get("pipeline_over_raw_decode_interleaved"),
                             "runs": prev["runs"]}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
         f.write("\n")
-    print(json.dumps(result["samples_per_s"]), json.dumps(result["pipeline_over_raw_decode"]), "->", args.out)
+    print(json.dumps(result["samples_per_s"]), json.dumps(result["pipeline_over_raw_decode"]),
+          json.dumps(result["pipeline_over_raw_decode_best"]), "->", args.out)
     return 0
 
 

@@ -250,6 +250,7 @@ def test_device_normalize_gives_uint8_batches_equal_after_normalize(photo_shards
     for x, y in zip(a, b):
         assert x["images"].dtype == torch.float32 and y["images"].dtype == torch.uint8
         assert y["images"].shape == x["images"].shape == (4, 3, 48, 48)
+        assert x["images"].is_contiguous() and y["images"].is_contiguous()  # plain NCHW
         assert torch.equal(normalize_on_device(y["images"], CLIP_MEAN, CLIP_STD), x["images"])
         assert normalize_on_device(x["images"], CLIP_MEAN, CLIP_STD) is x["images"]  # float: as is
         for k in ("text", "region_boxes", "region_text", "region_mask", "labels", "keys"):

@@ -90,7 +90,7 @@ class SampleProcessor:
         region_boxes = _empty((B, R, 4), torch.float32)
         region_mask = _empty((B, R), torch.bool)
         labels = _empty((B,), torch.int64)
-        text_np, rtext_np = text.numpy(), region_text.numpy()
+        images_np, text_np, rtext_np = images.numpy(), text.numpy(), region_text.numpy()
         boxes_np, mask_np = region_boxes.numpy(), region_mask.numpy()
         text_np.fill(pad)
         rtext_np.fill(pad)
@@ -98,10 +98,11 @@ class SampleProcessor:
         boxes_np.fill(0.0)
         mask_np.fill(False)
         for b, ex in enumerate(examples):
+            # numpy's strided copy (and uint8 -> float32 cast) beats torch's by ~1.6x here
+            images_np[b] = ex.pixels.numpy()
             if loader_norm:
-                self.transform.normalize(ex.pixels, out=images[b])
-            else:
-                images[b].copy_(ex.pixels)
+                slot = images[b]  # float32 0..255 now
+                self.transform.normalize(slot, out=slot)
             row = ex.tokens[0]
             text_np[b, : len(row)] = row
             k = len(ex.boxes)

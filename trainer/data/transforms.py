@@ -162,7 +162,7 @@ def draft_decode(img: Image.Image, k: int) -> tuple[Image.Image, int]:
 class Placement:
     """The output pixels and the affine map stored-image pixels -> output pixels."""
 
-    pixels: torch.Tensor   # [3, S, S] uint8
+    pixels: torch.Tensor   # [3, S, S] uint8 (strided: not necessarily contiguous)
     sx: float              # x_out = sx * x + tx (before the flip)
     sy: float
     tx: float
@@ -241,16 +241,18 @@ class ImageTransform:
         # the window in decoded pixels, snapped to the pixel grid (at most half a decoded pixel)
         ix0, iy0 = min(max(0, round(x0 / k)), dw - 1), min(max(0, round(y0 / k)), dh - 1)
         ix1, iy1 = max(ix0 + 1, min(dw, round(x1 / k))), max(iy0 + 1, min(dh, round(y1 / k)))
-        hwc = torch.from_numpy(np.array(rgb, dtype=np.uint8))               # [h, w, 3]
-        x = hwc[iy0:iy1, ix0:ix1].permute(2, 0, 1).unsqueeze(0)             # [1, 3, wh, ww]
-        if x.shape[-2:] != (S, S):
+        # PIL keeps RGB as 4-byte pixels: cropping there and exporting RGBX are plain copies of
+        # the window only, and torch's uint8 resize kernels work on 4-channel pixels natively
+        ww, wh = ix1 - ix0, iy1 - iy0
+        buf = bytearray(rgb.crop((ix0, iy0, ix1, iy1)).tobytes("raw", "RGBX"))
+        x = torch.frombuffer(buf, dtype=torch.uint8).view(1, wh, ww, 4).permute(0, 3, 1, 2)
+        if (wh, ww) != (S, S):                                               # [1, 4, wh, ww]
             mode = _TORCH_MODE[self.interpolation]
             x = F.interpolate(x, size=(S, S), mode=mode, antialias=mode != "nearest-exact")
-        out = x[0].contiguous()                                              # [3, S, S] uint8
+        out = x[0, :3]   # [3, S, S] uint8, a view of 4-byte pixels: the collate copies it once
         if flip:
             out = out.flip(-1)
-        sx, sy = S / ((ix1 - ix0) * k), S / ((iy1 - iy0) * k)
-        return Placement(out, sx, sy, -ix0 * S / (ix1 - ix0), -iy0 * S / (iy1 - iy0), flip, k)
+        return Placement(out, S / (ww * k), S / (wh * k), -ix0 * S / ww, -iy0 * S / wh, flip, k)
 
     def boxes(self, p: Placement, xyxy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(kept boxes in output pixels [k, 4], keep mask [n]) for stored-image boxes [n, 4].
@@ -283,10 +285,14 @@ class ImageTransform:
         return Image.fromarray(p.pixels.permute(1, 2, 0).numpy(), "RGB"), kept, keep
 
     def normalize(self, pixels: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """uint8 [3, H, W] -> (x / 255 - mean) / std float32 [3, H, W] (into `out` if given)."""
+        """uint8 [3, H, W] -> (x / 255 - mean) / std float32 [3, H, W], into `out` if given
+        (`out` may be `pixels` itself when it is float32 holding 0..255: then in place)."""
         if not hasattr(self, "_scale"):
             self._scale, self._offset = normalize_coefficients(self.mean, self.std)
-        out = pixels.to(torch.float32) if out is None else out.copy_(pixels)
+        if out is None:
+            out = pixels.to(torch.float32)
+        elif out is not pixels:
+            out.copy_(pixels)
         return out.mul_(self._scale).add_(self._offset)
 
     def to_tensor(self, img: Image.Image) -> torch.Tensor:
