@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing.managers
 import os
 import platform
 import re
@@ -47,6 +48,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.distributed.layout import ParallelLayout
+from trainer.signals import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -317,6 +319,22 @@ def _prune(root: Path, keep_last: int, latest: str) -> None:
             log.info("removed old checkpoint %s (keep_last=%d)", d, keep_last)
 
 
+def own_writer_queue() -> None:
+    """Start megatron's checkpoint-writer results queue ourselves, once per process.
+
+    megatron's torch_dist save makes it on first use: a ``spawn`` multiprocessing Manager that
+    lives as long as this process, and that nothing stops when this process is killed with
+    SIGKILL (measured: a ~0.7 GB orphan per killed rank). Ours is the same Manager, started
+    with an initializer that has the kernel kill it when its parent dies. Call it from the
+    thread that saves (the main thread), with the stop signals blocked (as saves are)."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
+    if getattr(fsa, "_results_queue", False) is not None:  # made already (or renamed upstream)
+        return
+    manager = multiprocessing.managers.SyncManager(ctx=multiprocessing.get_context("spawn"))
+    manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
+    fsa._results_queue = manager.Queue()  # the proxy keeps the manager alive
+
+
 def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, config: dict,
                     layout: ParallelLayout, extra: dict | None = None, *,
                     optimizer: torch.optim.Optimizer | None = None,
@@ -332,6 +350,7 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, config:
     """
     from megatron.core import dist_checkpointing
 
+    own_writer_queue()
     root = Path(root)
     final = root / f"step_{step:08d}"
     partial = root / f"step_{step:08d}.partial"

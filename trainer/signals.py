@@ -8,10 +8,12 @@ agrees on whether the step's loss and gradient norm were finite.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
 import signal
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,6 +42,22 @@ def stop_signals_blocked():
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Run in a helper process as it starts: Linux SIGKILLs it when the thread that started it
+    exits (prctl PR_SET_PDEATHSIG), and it exits at once if that parent is already gone.
+
+    A helper that outlives a rank killed with SIGKILL (the OOM killer, torchrun tearing down
+    the other ranks of a failed attempt) otherwise runs until the node reboots: SLURM's cgroup
+    cleans up after a job, a bare torchrun node does not."""
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) != 0:
+            log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+    if os.getppid() != parent_pid:
+        os._exit(0)
 
 
 class StopSignals:
