@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Print the zero-shot evaluations and the first/last logged loss of runs (their run_dir's
-metrics.jsonl, as trainer/train.py writes it).
+"""Print the evaluations (zero-shot, image/text and region retrieval) and the first/last
+logged loss of runs (their run_dir's metrics.jsonl, as trainer/train.py writes it).
 
   python tools/summarize_run.py runs/smoke/dense runs/smoke/moe
 """
@@ -9,6 +9,10 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trainer.eval import format_metrics  # noqa: E402  (cheap: no torch)
 
 
 def read(run_dir: str) -> list[dict]:
@@ -30,9 +34,9 @@ def main(argv: list[str]) -> int:
             print(f"  loss: step {losses[0]['step']} {losses[0]['loss']:.4f} -> step "
                   f"{losses[-1]['step']} {losses[-1]['loss']:.4f}")
         for r in rows:
-            if "eval/zero_shot_top1" in r:
-                print(f"  step {r['step']:>5}: zero-shot top-1 {r['eval/zero_shot_top1']:.4f} "
-                      f"top-5 {r['eval/zero_shot_top5']:.4f} ({r['eval/eval_images']} images)")
+            m = {k[len("eval/"):]: v for k, v in r.items() if k.startswith("eval/")}
+            if m:
+                print(f"  step {r['step']:>5}: {format_metrics(m)}")
     return 0
 
 

@@ -85,3 +85,16 @@ def test_bad_input_one_error_line(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2}\nnot json\n')
     with pytest.raises(plot_run.PlotError, match="metrics.jsonl:2: not JSON"):
         plot_run.read_metrics(tmp_path)
+
+
+def test_summarize_run_prints_every_eval_metric(tmp_path, capsys):
+    import summarize_run
+
+    write_run(tmp_path)
+    assert summarize_run.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "loss: step 10 5.0000 -> step 60 4.7500" in out
+    evals = [line for line in out.splitlines() if line.strip().startswith("step")]
+    assert evals and all("zero-shot top-1" in line and "image->text R@1" in line for line in evals)
+    with pytest.raises(SystemExit, match="metrics.jsonl does not exist"):
+        summarize_run.main([str(tmp_path / "missing")])
