@@ -25,6 +25,7 @@
 #   NPROC_PER_NODE=<torchrun workers per node; default: tasks per node of the allocation>
 #   MAX_RESTARTS=100         OVERRIDES="k=v k=v" (in addition to the script's arguments)
 #   DRY_RUN=1                (same as --dry-run: print the srun command line, run nothing)
+#   UPCLIP_MODULE=trainer.train  (the entry point; slurm/dmu_b16.sh sets trainer.dmu)
 #
 # NCCL / OpenMP settings (exported only when unset, so a site profile wins):
 #   OMP_NUM_THREADS=1                    one thread per rank; data loading uses worker processes
@@ -41,7 +42,7 @@ upclip_usage() {
   sed -n 's/^# //p' "$1"
   echo "usage: sbatch $1 [key=value ...]   |   bash $1 --dry-run [key=value ...]"
   echo "knobs: CONFIG RUN_DIR PY LAUNCHER SRUN_MPI SRUN_ARGS NPROC_PER_NODE MAX_RESTARTS"
-  echo "       OVERRIDES DRY_RUN UPCLIP_HOME (see slurm/launch.sh)"
+  echo "       OVERRIDES DRY_RUN UPCLIP_HOME UPCLIP_MODULE (see slurm/launch.sh)"
 }
 
 # The value of `#SBATCH --<key>=<value>` in a job script (for dry runs outside an allocation).
@@ -114,7 +115,7 @@ upclip_launch() {
   local master_port=${MASTER_PORT:-$((20000 + ${job_id:-0} % 20000))}
   export MASTER_ADDR=$master_addr MASTER_PORT=$master_port
 
-  local -a train=(-m trainer.train --config "$config" "${overrides[@]}"
+  local -a train=(-m "${UPCLIP_MODULE:-trainer.train}" --config "$config" "${overrides[@]}"
                   "run_dir=$run_dir" "checkpoint.save_dir=$run_dir/checkpoints")
   if [ -x "$py" ]; then
     # Resolve the config once here: a bad override fails in one line, not once per rank, and

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPTS = ["slurm/smoke.sh", "slurm/upcycle_l14.sh", "slurm/upcycle_b16.sh"]
+SCRIPTS = ["slurm/smoke.sh", "slurm/upcycle_l14.sh", "slurm/upcycle_b16.sh", "slurm/dmu_b16.sh"]
 
 
 def run(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
@@ -61,6 +61,18 @@ def test_dry_run_torchrun_and_mpi_knobs(dense):
     out = run("slurm/smoke.sh", "--dry-run", SRUN_MPI="pmix", SMOKE_DATA="/d")
     cmd = out.stdout.splitlines()[-1]
     assert "--cpus-per-task=1 --mpi=pmix " in cmd and "data.train_urls=/d/fmnist-train" in cmd
+
+
+def test_dry_run_dmu_runs_the_dmu_driver(dense):
+    out = run("slurm/dmu_b16.sh", "--dry-run", f"dmu.dense={dense}", "data.train_urls=d",
+              RUN_DIR="runs/d")
+    assert out.returncode == 0, out.stderr
+    cmd = out.stdout.splitlines()[-1]
+    assert cmd.startswith("srun --kill-on-bad-exit=1 --nodes=1 --ntasks=8 "), cmd
+    assert f"-m trainer.dmu --config configs/dmu_b16.yaml dmu.dense={dense} " in cmd, cmd
+    assert cmd.rstrip().endswith("run_dir=runs/d checkpoint.save_dir=runs/d/checkpoints"), cmd
+    out = run("slurm/dmu_b16.sh", "--dry-run", "data.train_urls=d")
+    assert out.returncode == 2 and "dmu.dense is empty" in out.stderr, out.stderr
 
 
 @pytest.mark.parametrize("args,env,message", [
