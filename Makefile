@@ -37,7 +37,7 @@ kernels: setup
 	CUDA_HOME=/usr/local/cuda MAX_JOBS=2 $(PY) -m kernels.build $(KERNELS_FLAGS)
 
 test: setup kernels
-	$(PY) -m pytest -q -p no:cacheprovider tests/unit tests/distributed tests/slurm tests/gpu
+	$(PY) -m pytest -q -p no:cacheprovider --durations=20 tests/unit tests/distributed tests/slurm tests/gpu
 
 clean:
 	rm -rf runs
