@@ -33,7 +33,6 @@ had a gradient before the save) starts fresh, as it would have.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import multiprocessing.managers
@@ -48,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.distributed.layout import ParallelLayout
+from trainer.hub import sha256
 from trainer.signals import die_with_parent
 
 log = logging.getLogger(__name__)
@@ -83,14 +83,6 @@ def layout_dict(layout: ParallelLayout) -> dict:
 
 
 # ---- files
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _fsync(path: Path) -> None:
     """Flush a file (or a directory's entries) to disk."""
     fd = os.open(path, os.O_RDONLY)
@@ -164,7 +156,7 @@ def _raise_if_any(errors: list) -> None:
 
 def _checksums(ckpt: Path, rels: list[str]) -> dict:
     """Size and sha256 of ``rels``, hashed in parallel: rank r takes every world-th file."""
-    mine = {rel: {"bytes": (ckpt / rel).stat().st_size, "sha256": _sha256(ckpt / rel)}
+    mine = {rel: {"bytes": (ckpt / rel).stat().st_size, "sha256": sha256(ckpt / rel)}
             for rel in rels[_rank()::_world()]}
     out = {}
     for part in _all_gather(mine):
@@ -450,7 +442,7 @@ def _file_error(ckpt: Path, rel: str, info: dict) -> str:
     p = ckpt / rel
     if not p.is_file():
         return f"{p}: missing (listed in the manifest)"
-    if p.stat().st_size != info["bytes"] or _sha256(p) != info["sha256"]:
+    if p.stat().st_size != info["bytes"] or sha256(p) != info["sha256"]:
         return f"{p}: does not match its manifest checksum"
     return ""
 

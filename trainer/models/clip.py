@@ -164,12 +164,8 @@ class CLIP(MegatronModule):
             if cfg.logit_bias_init is not None:
                 self.logit_bias = torch.nn.Parameter(torch.tensor(cfg.logit_bias_init))
             if cfg.prompter.layers:
-                from trainer.models.prompter import RegionPrompter
-                v = cfg.vision
-                self.prompter = RegionPrompter(
-                    v.width, cfg.embed_dim, grid=v.image_size // v.patch_size,
-                    heads=cfg.prompter.heads, layers=cfg.prompter.layers,
-                    mlp_ratio=cfg.prompter.mlp_ratio, ln_eps=v.ln_eps)
+                from trainer.models.prompter import build_prompter
+                self.prompter = build_prompter(cfg)
         dtype = DTYPES[cfg.params_dtype]
         if dtype != torch.float32:
             self.to(dtype)

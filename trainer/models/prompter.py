@@ -135,3 +135,12 @@ class RegionPrompter(nn.Module):
         for block in self.blocks:
             queries = block(queries, tokens)
         return self.proj(self.ln_final(queries))                               # [b, R, e]
+
+
+def build_prompter(cfg) -> RegionPrompter:
+    """The CLOC prompter of a model config (``trainer.config.ModelConfig``): ``cfg.prompter``
+    sized by the vision tower's width and patch grid, projecting to ``cfg.embed_dim``."""
+    v = cfg.vision
+    return RegionPrompter(v.width, cfg.embed_dim, grid=v.image_size // v.patch_size,
+                          heads=cfg.prompter.heads, layers=cfg.prompter.layers,
+                          mlp_ratio=cfg.prompter.mlp_ratio, ln_eps=v.ln_eps)
