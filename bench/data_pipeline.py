@@ -142,8 +142,7 @@ def photo_samples(count: int, seed: int, short_side: int, quality: int) -> list[
     return samples
 
 
-def bench_raw(pattern: str) -> float:
-    blobs = [s["jpg"] for url in expand_urls(pattern) for s in read_shard(url)]  # read outside timing
+def bench_raw(blobs: list[bytes]) -> float:
     t = time.perf_counter()
     for b in blobs:
         Image.open(io.BytesIO(b)).convert("RGB")
@@ -166,13 +165,12 @@ def bench_pipeline(cfg: DataConfig) -> tuple[float, dict]:
     return rate, shapes
 
 
-def bench_interleaved(pattern: str, cfg: DataConfig) -> dict[str, float]:
+def bench_interleaved(blobs: list[bytes], cfg: DataConfig) -> dict[str, float]:
     """The in-process pipeline and raw decode taking turns: one pipeline batch of B samples,
     then a raw decode of B JPEGs, over one epoch. Both sides of each pair meet the same load
     from other jobs on a shared machine, which whole-run timings, seconds apart, do not.
     Returns raw decode time / pipeline time (= pipeline samples/s over raw decode's) over the
-    epoch, and the median over the pairs."""
-    blobs = [s["jpg"] for url in expand_urls(pattern) for s in read_shard(url)]
+    epoch, and the median over the pairs. `blobs`: the shards' JPEG bytes, in memory."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     clock = time.perf_counter
@@ -259,14 +257,6 @@ def paired(runs: dict[str, list[float]], workers: int) -> dict[str, float]:
             for k, name in _ratio_names(workers).items() if runs.get(k)}
 
 
-def best(runs: dict[str, list[float]], workers: int) -> dict[str, float]:
-    """Best repeat of each pipeline run / best repeat of raw decode: each side's least
-    disturbed run (timeit's rule), the steadiest figure when other jobs share the cores."""
-    raw = max(runs["raw_pil_decode"])
-    return {name: round(max(runs[k]) / raw / (workers if k == "pipeline_workers" else 1), 3)
-            for k, name in _ratio_names(workers).items() if runs.get(k)}
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--count", type=int, default=1024, help="samples in the benchmark shards")
@@ -299,6 +289,7 @@ def main() -> int:
         print(f"wrote {args.count} samples in {time.perf_counter() - t0:.0f}s: mean JPEG "
               f"{np.mean(jpeg_bytes) / 1024:.1f} KiB, {bpp:.2f} bits/pixel", flush=True)
         pattern = sink.pattern()
+        blobs = [s["jpg"] for url in expand_urls(pattern) for s in read_shard(url)]  # untimed
 
         def cfg(workers: int, normalize: str = "loader") -> DataConfig:
             c = DataConfig(train_urls=pattern, batch_size=args.batch_size, workers=workers,
@@ -330,7 +321,7 @@ def main() -> int:
         stage_runs: dict[str, list[dict]] = {"loader": [], "device": []}
         inter: dict[str, list[dict]] = {"loader": [], "device": []}
         for r in range(args.repeats):
-            runs["raw_pil_decode"].append(bench_raw(pattern))
+            runs["raw_pil_decode"].append(bench_raw(blobs))
             rate, shapes = bench_pipeline(cfg(0))
             runs["pipeline_inproc"].append(rate)
             rate, shapes_device = bench_pipeline(cfg(0, "device"))
@@ -340,7 +331,7 @@ def main() -> int:
             print(f"run {r}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in runs.items()), flush=True)
             for mode in ("loader", "device"):
                 stage_runs[mode].append(stage_times(pattern, cfg(0, mode)))
-                inter[mode].append(bench_interleaved(pattern, cfg(0, mode)))
+                inter[mode].append(bench_interleaved(blobs, cfg(0, mode)))
             print(f"  interleaved pipeline / raw decode: {inter['loader'][-1]} (loader), "
                   f"{inter['device'][-1]} (device)", flush=True)
             print(f"  stages ms/sample (normalize=loader): {stage_runs['loader'][-1]}", flush=True)
@@ -404,10 +395,6 @@ def main() -> int:
             "runs": {mode: [{k: round(v, 3 if v < 10 else 1) for k, v in r.items()} for r in runs_]
                      for mode, runs_ in inter.items()},
         },
-        "pipeline_over_raw_decode_best": {
-            "note": "best repeat over best repeat (each side's least disturbed run)",
-            **best(runs, W),
-        },
         "repeats": args.repeats,
         "runs": runs,
         "note": ("2-core CPU shared with other jobs: numbers are noisy, medians of the repeats; "
@@ -419,7 +406,6 @@ def main() -> int:
         result["before"] = {"what": args.before_label, "samples_per_s": prev["samples_per_s"],
                             "pipeline_over_raw_decode": prev["pipeline_over_raw_decode"],
                             "pipeline_over_raw_decode_paired": paired(prev["runs"], W),
-                            "pipeline_over_raw_decode_best": best(prev["runs"], W),
                             "pipeline_over_raw_decode_interleaved":
                                 prev.get("pipeline_over_raw_decode_interleaved"),
                             "runs": prev["runs"]}
@@ -428,7 +414,7 @@ def main() -> int:
         json.dump(result, f, indent=2)
         f.write("\n")
     print(json.dumps(result["samples_per_s"]), json.dumps(result["pipeline_over_raw_decode"]),
-          json.dumps(result["pipeline_over_raw_decode_best"]), "->", args.out)
+          "->", args.out)
     return 0
 
 

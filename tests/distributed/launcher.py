@@ -1,9 +1,12 @@
 """Launching a check script (or the trainer) under torchrun from a test, on gloo/CPU."""
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,3 +33,46 @@ def run_check(script: str, nproc: int, workdir: Path, timeout: float = 900) -> N
                                        str(workdir)),
                           env=clean_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+def start(cmd: list[str], log: Path | None = None) -> subprocess.Popen:
+    """Start ``cmd`` in its own session, output to ``log`` (default: a temporary file that
+    ``finish`` removes). A rank killed with SIGKILL can leave helper processes behind (data
+    workers) that would hold a pipe open; ``finish`` kills the whole session."""
+    keep = log is not None
+    log = log or Path(os.environ.get("TMPDIR", "/tmp")) / f"upclip-run-{time.time_ns()}.log"
+    f = open(log, "w+")
+    proc = subprocess.Popen(cmd, env=clean_env(), cwd=ROOT, stdout=f,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc.log, proc.keep_log = f, keep
+    return proc
+
+
+def output(proc: subprocess.Popen) -> str:
+    """Everything ``proc`` printed so far."""
+    proc.log.flush()
+    proc.log.seek(0)
+    return proc.log.read()
+
+
+def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
+    """Wait for ``proc``, kill what is left of its session; (exit code, output)."""
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    out = output(proc)
+    proc.log.close()
+    if not proc.keep_log:
+        os.unlink(proc.log.name)
+    return proc.returncode, out
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss of a run's metrics.jsonl; a step logged twice (before a crash and after
+    the restart) keeps the later value."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}

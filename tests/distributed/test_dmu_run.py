@@ -15,46 +15,17 @@ two MCL stages on label-grouped batches, assembly into a 3-expert MoE, the route
   dense model with that map (image routing, super-class router loss) and trains 4 steps.
 """
 import json
-import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from launcher import ROOT, clean_env
+from launcher import ROOT, finish, losses, start
 
 CONFIG = str(ROOT / "configs/dmu_tiny.yaml")
 MOBILE = str(ROOT / "configs/mobile_vmoe_tiny.yaml")
-
-
-def start(args: list[str], log: Path) -> subprocess.Popen:
-    f = open(log, "w+")
-    proc = subprocess.Popen([sys.executable, *args], env=clean_env(), cwd=ROOT, stdout=f,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    proc.log = f
-    return proc
-
-
-def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
-    try:
-        proc.wait(timeout=timeout)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.log.seek(0)
-    out = proc.log.read()
-    proc.log.close()
-    return proc.returncode, out
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +38,9 @@ def setup(tmp_path_factory):
     write_shards(sources.fashion_mnist("train", count=512), root / "train", "fmnist", 128,
                  info={"classnames": list(sources.FASHION_MNIST_CLASSES)})
     rc, out = finish(start([
-        "-m", "trainer.train", "--config", CONFIG, "model.vision.moe.num_experts=0",
-        "model.text.moe.num_experts=0", "train.trainable=[]", "train.steps=20",
+        sys.executable, "-m", "trainer.train", "--config", CONFIG,
+        "model.vision.moe.num_experts=0", "model.text.moe.num_experts=0", "train.trainable=[]",
+        "train.steps=20",
         "train.warmup_steps=5", "checkpoint.save_every=0", f"data.train_urls={root / 'train'}",
         f"run_dir={root / 'dense'}", f"checkpoint.save_dir={root / 'dense/ckpt'}"],
         root / "dense.log"))
@@ -77,8 +49,9 @@ def setup(tmp_path_factory):
 
 
 def dmu_args(root: Path, run: str) -> list[str]:
-    return ["-m", "trainer.dmu", "--config", CONFIG, f"dmu.dense={root / 'dense/ckpt'}",
-            f"data.train_urls={root / 'train'}", f"run_dir={root / run}"]
+    return [sys.executable, "-m", "trainer.dmu", "--config", CONFIG,
+            f"dmu.dense={root / 'dense/ckpt'}", f"data.train_urls={root / 'train'}",
+            f"run_dir={root / run}"]
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +122,7 @@ def test_dmu_resume_skips_finished_stage(setup, full):
 
 def test_mobile_vmoe_superclasses_then_training(setup):
     out = setup / "superclasses.json"
-    rc, log = finish(start(["-m", "trainer.dmu.superclass", "--config", MOBILE,
+    rc, log = finish(start([sys.executable, "-m", "trainer.dmu.superclass", "--config", MOBILE,
                             "--checkpoint", str(setup / "dense/ckpt"), "--experts", "4",
                             "--out", str(out), "--classnames-from", str(setup / "train")],
                            setup / "superclass.log"))
@@ -159,8 +132,9 @@ def test_mobile_vmoe_superclasses_then_training(setup):
     assert set(got["superclass_of_class"]) <= set(range(4))
     run = setup / "mobile"
     rc, log = finish(start([
-        "-m", "trainer.train", "--config", MOBILE,
-        f"checkpoint.upcycle_from={setup / 'dense/ckpt'}", f"model.vision.moe.superclass_map={out}", "train.steps=4", "train.log_every=1",
+        sys.executable, "-m", "trainer.train", "--config", MOBILE,
+        f"checkpoint.upcycle_from={setup / 'dense/ckpt'}",
+        f"model.vision.moe.superclass_map={out}", "train.steps=4", "train.log_every=1",
         "train.warmup_steps=0", "train.micro_batch_size=16", "data.batch_size=16",
         "data.workers=0", f"data.train_urls={setup / 'train'}", "data.eval_urls=",
         "train.tensorboard=false", "train.progress_bar=false", f"run_dir={run}",

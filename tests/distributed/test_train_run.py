@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from launcher import ROOT, clean_env, torchrun_cmd
+from launcher import ROOT, finish, losses, output, start, torchrun_cmd
 
 GOLDEN = ROOT / "tests/assets/smoke_golden.json"
 STEPS = 8
@@ -52,47 +52,9 @@ def overrides(shards, out: Path, **kw) -> list[str]:
     return [f"{k}={v}" for k, v in o.items()]
 
 
-def start(cmd: list[str]) -> subprocess.Popen:
-    """In its own session, output to a file: a rank killed with SIGKILL can leave helper
-    processes behind (DataLoader workers, torch_dist's multiprocessing manager) that would
-    hold a pipe open; ``finish`` kills the whole session."""
-    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"upclip-run-{time.time_ns()}.log", "w+")
-    proc = subprocess.Popen(cmd, env=clean_env(), cwd=ROOT, stdout=log,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    proc.log = log
-    return proc
-
-
 def launch(args: list[str], nproc: int = 2) -> subprocess.Popen:
     return start(torchrun_cmd(nproc, "-m", "trainer.train", "--config",
                               str(ROOT / "configs/smoke.yaml"), *args))
-
-
-def output(proc: subprocess.Popen) -> str:
-    proc.log.flush()
-    proc.log.seek(0)
-    return proc.log.read()
-
-
-def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
-    try:
-        proc.wait(timeout=timeout)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    out = output(proc)
-    proc.log.close()
-    os.unlink(proc.log.name)
-    return proc.returncode, out
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    """step -> loss; a step logged twice (before a crash and after the restart) keeps the
-    later value."""
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300):
