@@ -201,12 +201,12 @@ def stage_times(pattern: str, cfg: DataConfig) -> dict[str, float]:
     the pipeline's time per sample)."""
     from trainer.data.collate import Example
     from trainer.data.counters import DataCounters
-    from trainer.data.pipeline import _processor
+    from trainer.data.pipeline import sample_processor
     from trainer.data.schema import decode_sample
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    proc = _processor(cfg, True, None)
+    proc = sample_processor(cfg, True, None)
     tf, counters = proc.transform, DataCounters()
     acc = dict.fromkeys(("tar_read", "parse_header_json_regions", "jpeg_decode", "crop_resize",
                          "boxes", "tokenize", "collate"), 0.0)

@@ -64,20 +64,25 @@ def moe_overrides(top_k: int) -> list[str]:
 
 class OursStep:
     def __init__(self, cfg, layout, device):
-        from trainer import step as S
-        self.S, self.cfg, self.layout = S, cfg, layout
-        self.model = S.build_model(cfg, layout).to(device)
-        self.ddp = S.wrap_ddp(self.model)
-        self.opt = S.build_optimizer(self.model, cfg)
+        from trainer.distributed.grads import wrap_ddp
+        from trainer.models.build import build_for_training
+        from trainer.optim import build_optimizer
+
+        self.cfg, self.layout = cfg, layout
+        self.model = build_for_training(cfg, layout).to(device)
+        self.ddp = wrap_ddp(self.model)
+        self.opt = build_optimizer(self.model, cfg.train)
         self.params = sum(p.numel() for p in self.model.parameters())
 
     def __call__(self, mb: dict) -> float:
-        S = self.S
-        out = S.forward_backward(self.ddp, [mb], self.cfg)
-        S.finalize_grads(self.ddp, self.layout)
-        S.clip_grads(self.ddp, self.layout, 1.0)
+        from trainer.distributed.grads import clip_grads, finalize_grads, zero_grads
+        from trainer.step import forward_backward
+
+        out = forward_backward(self.ddp, [mb], self.cfg)
+        finalize_grads(self.ddp, self.layout)
+        clip_grads(self.ddp, self.layout, 1.0)
         self.opt.step()
-        S.zero_grads(self.ddp, self.opt)
+        zero_grads(self.ddp, self.opt)
         return out["loss"]
 
 
@@ -135,7 +140,7 @@ def main() -> int:
     cfgs.update({k: load_config(None, base + moe_overrides(k_)) for k, k_ in MOE.items()})
     steps = {k: OursStep(c, layout, device) for k, c in cfgs.items()}
     steps["open_clip"] = OpenClipStep(cfgs["dense"], device)
-    from trainer.train import synthetic_microbatches, to_device
+    from trainer.data.batches import synthetic_microbatches, to_device
     mb = to_device(synthetic_microbatches(cfgs["dense"], layout, 0)[0], device, cfgs["dense"])
     times: dict[str, list[float]] = {k: [] for k in steps}
     for r in range(args.warmup + args.steps):

@@ -102,7 +102,7 @@ def read_open_clip_config(spec: str) -> dict:
 
 def load_source(args) -> tuple:
     """(model config, canonical state dict, {file: sha256} of the weights read)."""
-    from trainer.hub import sha256
+    from trainer.io import sha256
     from trainer.models import convert
 
     weights = Path(args.weights)
@@ -141,12 +141,12 @@ def cmd_import(args) -> None:
     from trainer import checkpoint
     from trainer.distributed import ParallelLayout, init_distributed, read_launch_env
     from trainer.hub import mismatch_report
-    from trainer.models.clip import CLIP
+    from trainer.models.build import build_model
     from trainer.models.state import canonical_names, load_full_state_dict
 
     init_distributed(read_launch_env())
     layout = ParallelLayout(1).initialize()
-    model = CLIP(cfg.model, cfg.parallel)
+    model = build_model(cfg.model, layout, parallel=cfg.parallel)
     names = canonical_names(model)
     report = mismatch_report({names[n]: tuple(p.shape) for n, p in model.named_parameters()},
                              {k: tuple(v.shape) for k, v in full.items()})
@@ -168,21 +168,22 @@ def cmd_import(args) -> None:
 def cmd_export(args) -> None:
     import torch
 
-    from trainer import checkpoint
-    from trainer.models import convert, export
+    from trainer import checkpoint, export, reshard
+    from trainer.models import convert
+    from trainer.moe.upcycle import dense_config
 
     out = Path(args.out)
     refuse_existing(out, args.force)
     try:  # the cheap checks, before megatron is imported
         ckpt = checkpoint.resolve(args.ckpt)
-        cfg = export.saved_config(checkpoint.read_manifest(ckpt), ckpt)
+        cfg = reshard.saved_config(checkpoint.read_manifest(ckpt), ckpt)
         moe = export.is_moe(cfg.model)
         if moe and args.target != "moe" and not args.merge_experts:
             tower = "vision" if cfg.model.vision.moe.enabled else "text"
             fail(f"{ckpt}: an MoE checkpoint (model.{tower}.moe.num_experts="
                  f"{getattr(cfg.model, tower).moe.num_experts}); --to {args.target} needs "
                  f"--merge-experts (averages the experts: lossy) or use --to moe")
-        dense = export.dense_config(cfg.model)
+        dense = dense_config(cfg.model)
         if args.target == "hf":
             convert.config_to_hf(dense)
         elif args.target == "open_clip":
@@ -195,13 +196,16 @@ def cmd_export(args) -> None:
     launch = read_launch_env()
     init_distributed(launch)
     layout = ParallelLayout(launch.world_size).initialize()
+    from trainer.distributed.collectives import on_rank0
+
     try:
-        src = export.read_checkpoint(ckpt, layout)
+        src = reshard.read_checkpoint(ckpt, layout)
         if args.merge_experts and moe:
             src = export.merge_experts(src, layout)
-        written, notes = export.on_rank0(
+        written, notes = on_rank0(
             export.write_export, src, args.target, out, force=args.force,
-            dtype=getattr(torch, args.dtype), name=args.name, check=args.check)
+            dtype=getattr(torch, args.dtype), name=args.name, check=args.check,
+            error_type=export.ExportError)
     except (checkpoint.CheckpointError, export.ExportError, ConfigError, ValueError) as e:
         fail(str(e))  # ValueError: trainer.hub.HubError when the check reloads the export
     if launch.rank == 0:
@@ -218,29 +222,29 @@ def cmd_reshard(args) -> None:
     from trainer import checkpoint
     from trainer.distributed import (LayoutError, ParallelLayout, init_distributed,
                                      read_launch_env)
-    from trainer.models import export
+    from trainer import reshard
 
     out = Path(args.out)
     refuse_existing(out, args.force)
     try:
         ckpt = checkpoint.resolve(args.ckpt)
-        cfg = export.saved_config(checkpoint.read_manifest(ckpt), ckpt)
+        cfg = reshard.saved_config(checkpoint.read_manifest(ckpt), ckpt)
         if out.resolve() in (ckpt.resolve(), ckpt.parent.resolve()):
             fail(f"--out {str(out)!r} is the checkpoint's own root; pick a new directory")
         p = cfg.parallel
         for name in ("tp", "pp", "ep", "vision_layers_last_stage"):
             if getattr(args, name) is not None:
                 setattr(p, name, getattr(args, name))
-        export.validate(cfg, ckpt)
+        reshard.validate(cfg, ckpt)
         launch = read_launch_env()
         layout = ParallelLayout(launch.world_size, p.tp, p.pp, p.ep)
-    except (checkpoint.CheckpointError, export.ExportError, LayoutError) as e:
+    except (checkpoint.CheckpointError, LayoutError) as e:
         fail(str(e))
     init_distributed(launch)
     layout.initialize(seed=cfg.train.seed)
     try:
-        written = export.reshard(ckpt, out, layout, cfg)
-    except (checkpoint.CheckpointError, export.ExportError) as e:
+        written = reshard.reshard(ckpt, out, layout, cfg)
+    except checkpoint.CheckpointError as e:
         fail(str(e))
     if launch.rank == 0:
         print(f"resharded {ckpt} -> {written} ({layout.describe()}, world={layout.world_size})")

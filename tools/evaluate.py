@@ -103,20 +103,19 @@ def build_export_config(args: argparse.Namespace) -> tuple[Config, dict]:
 def evaluate_checkpoint(cfg: Config, checkpoint: str, launch, layout) -> dict | None:
     """Collective. Builds this rank's part of the model, loads the checkpoint (any saved
     layout) and evaluates; the metrics on the reporting rank, None elsewhere."""
-    import torch
-
     from trainer import checkpoint as ckpt
     from trainer.data import build_tokenizer
     from trainer.distributed import init_distributed
+    from trainer.distributed.collectives import default_device
     from trainer.eval import evaluate
-    from trainer.step import build_model
+    from trainer.models.build import build_model
 
     init_distributed(launch)
     layout.initialize(seed=cfg.train.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if launch.rank == 0:
         log.info("%s; layout %s", launch.describe(), layout.describe())
-    model = build_model(cfg, layout).to(device)
+    model = build_model(cfg.model, layout, parallel=cfg.parallel, inference=True)
+    model.to(default_device())
     ckpt.load_model(checkpoint, model, layout)
     result = evaluate(model, cfg, layout, build_tokenizer(cfg.data.tokenizer))
     reporter = layout.is_last_stage and layout.tp_rank == 0 and layout.dp_rank == 0
@@ -129,9 +128,10 @@ def evaluate_export(cfg: Config, directory: str) -> dict:
 
     from trainer import hub
     from trainer.eval import compute_metrics
+    from trainer.distributed.collectives import default_device
     from trainer.eval.embed import embed_plain, eval_batches
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     model = hub.load(directory, device=device)
     tokenizer = hub.load_tokenizer(directory)
     tasks = tuple(cfg.eval.tasks)

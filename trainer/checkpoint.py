@@ -44,10 +44,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from trainer.distributed.layout import ParallelLayout
-from trainer.hub import sha256
+from trainer.distributed import collectives as C
+from trainer.io import fsync, sha256, write_atomic, write_durable
 from trainer.signals import die_with_parent
 
 log = logging.getLogger(__name__)
@@ -83,29 +83,6 @@ def layout_dict(layout: ParallelLayout) -> dict:
 
 
 # ---- files
-def _fsync(path: Path) -> None:
-    """Flush a file (or a directory's entries) to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durable(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    _write_durable(tmp, text)
-    os.replace(tmp, path)
-    _fsync(path.parent)
-
-
 def _remove(path: Path) -> None:
     """Rename out of the ``step_*`` namespace first, so a crash mid-delete leaves a leftover
     that the next save clears, never a half-deleted checkpoint."""
@@ -115,51 +92,12 @@ def _remove(path: Path) -> None:
     shutil.rmtree(gone)
 
 
-# ---- collectives (no-ops in a plain single process)
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def _all_gather(obj) -> list:
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _broadcast(obj):
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _raise_if_any(errors: list) -> None:
-    """Every rank raises the same error when one rank found a problem (none hangs)."""
-    bad = [(r, e) for r, e in enumerate(errors) if e]
-    if bad:
-        rank, msg = bad[0]
-        more = f" (and {len(bad) - 1} more ranks)" if len(bad) > 1 else ""
-        raise CheckpointError(f"rank {rank}: {msg}{more}")
-
-
 def _checksums(ckpt: Path, rels: list[str]) -> dict:
     """Size and sha256 of ``rels``, hashed in parallel: rank r takes every world-th file."""
     mine = {rel: {"bytes": (ckpt / rel).stat().st_size, "sha256": sha256(ckpt / rel)}
-            for rel in rels[_rank()::_world()]}
+            for rel in rels[C.rank()::C.world()]}
     out = {}
-    for part in _all_gather(mine):
+    for part in C.all_gather_object(mine):
         out.update(part)
     return dict(sorted(out.items()))
 
@@ -243,7 +181,7 @@ def _load_optimizer(directory: Path, model: torch.nn.Module, optimizer: torch.op
     for key, value in loaded.items():
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = value.reshape(()) if name == "step" else value
-    if fresh and _rank() == 0:
+    if fresh and C.rank() == 0:
         log.info("optimizer: %d of %d parameters have no saved state on rank 0 (fresh moments)",
                  fresh, len(id_map))
     current = optimizer.state_dict()  # the current groups' hyperparameters win
@@ -294,8 +232,8 @@ def _check_inputs(optimizer, train_state, rank_state) -> bool:
         json.dumps(rank_state)
     except (TypeError, ValueError) as e:
         error = f"train_state / rank_state is not JSON-serialisable: {e}"
-    gathered = _all_gather((error, optimizer is not None, rank_state is not None))
-    _raise_if_any([g[0] for g in gathered])
+    gathered = C.all_gather_object((error, optimizer is not None, rank_state is not None))
+    C.raise_if_any([g[0] for g in gathered], CheckpointError)
     if len({g[1] for g in gathered}) > 1:
         raise CheckpointError("save_checkpoint: some ranks passed an optimizer and some did not")
     return any(g[2] for g in gathered)
@@ -348,7 +286,7 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, config:
     partial = root / f"step_{step:08d}.partial"
     any_rank_state = _check_inputs(optimizer, train_state, rank_state)
     t0 = time.time()
-    if _rank() == 0:
+    if C.rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         for d in root.iterdir():
             if d.is_dir() and d.name.endswith(_LEFTOVER):
@@ -358,7 +296,7 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, config:
                             ("rank_state", any_rank_state)):
             if wanted:
                 (partial / sub).mkdir(parents=True)
-    _barrier()
+    C.barrier()
     metadata = dict(SHARDED_METADATA)
     dist_checkpointing.save(model.sharded_state_dict(metadata=dict(metadata)),
                             str(partial / "model"))
@@ -367,15 +305,15 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, config:
             model.sharded_state_dict(metadata=dict(metadata)), optimizer),
             str(partial / "optimizer"))
     if rank_state is not None:
-        _write_durable(partial / RANK_STATE.format(rank=_rank()), json.dumps(rank_state))
-    _barrier()  # every rank's files are written and fsynced (megatron fsyncs its shards)
+        write_durable(partial / RANK_STATE.format(rank=C.rank()), json.dumps(rank_state))
+    C.barrier()  # every rank's files are written and fsynced (megatron fsyncs its shards)
     files = None
-    if _rank() == 0:
+    if C.rank() == 0:
         files = sorted(str(p.relative_to(partial)) for p in partial.rglob("*") if p.is_file())
         for rel in files:  # common.pt and metadata.json are rank 0's own, not fsynced by megatron
-            _fsync(partial / rel)
-    files = _checksums(partial, _broadcast(files))
-    if _rank() == 0:
+            fsync(partial / rel)
+    files = _checksums(partial, C.broadcast_object(files))
+    if C.rank() == 0:
         manifest = {
             "format_version": FORMAT_VERSION, "step": step, "kind": "upclip",
             "config": config, "layout": layout_dict(layout),
@@ -389,18 +327,18 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, config:
             "files": files,
         }
         for d in {(partial / rel).parent for rel in files}:  # directory entries too
-            _fsync(d)
-        _write_atomic(partial / MANIFEST, json.dumps(manifest, indent=1))
+            fsync(d)
+        write_atomic(partial / MANIFEST, json.dumps(manifest, indent=1))
         if final.exists():  # re-saving a step: the old copy goes only once the new is complete
             os.replace(final, final.with_name(final.name + ".stale"))
         os.replace(partial, final)
-        _write_atomic(root / "latest", final.name + "\n")
+        write_atomic(root / "latest", final.name + "\n")
         shutil.rmtree(final.with_name(final.name + ".stale"), ignore_errors=True)
         if keep_last > 0:
             _prune(root, keep_last, final.name)
         log.info("saved checkpoint step %d to %s in %.1fs (%s%s)", step, final,
                  time.time() - t0, layout.describe(), ", with optimizer" if optimizer else "")
-    _barrier()
+    C.barrier()
     return final
 
 
@@ -458,9 +396,9 @@ def verify(path: str | Path) -> None:
 
 def _verify_collective(ckpt: Path, manifest: dict) -> None:
     """``verify`` split over the ranks (rank r hashes every world-th file); all raise alike."""
-    items = sorted(manifest["files"].items())[_rank()::_world()]
+    items = sorted(manifest["files"].items())[C.rank()::C.world()]
     error = next((e for e in (_file_error(ckpt, rel, info) for rel, info in items) if e), "")
-    _raise_if_any(_all_gather(error))
+    C.raise_if_any(C.all_gather_object(error), CheckpointError)
 
 
 def _load_weights(ckpt: Path, manifest: dict, model: torch.nn.Module,
@@ -494,15 +432,15 @@ def _rank_state(ckpt: Path, manifest: dict, layout: ParallelLayout) -> dict | No
         return None
     saved, now = manifest["layout"], layout_dict(layout)
     if any(saved.get(k) != v for k, v in now.items()):
-        if _rank() == 0:
+        if C.rank() == 0:
             log.info("per-rank state (RNG, data position) not restored: saved at world=%s "
                      "tp=%s pp=%s dp=%s ep=%s, now world=%d %s", saved.get("world_size"),
                      saved.get("tp"), saved.get("pp"), saved.get("dp"), saved.get("ep"),
                      layout.world_size, layout.describe())
         return None
-    path = ckpt / manifest["rank_state"].format(rank=_rank())
+    path = ckpt / manifest["rank_state"].format(rank=C.rank())
     if not path.is_file():
-        log.info("rank %d: no per-rank state in %s", _rank(), ckpt)
+        log.info("rank %d: no per-rank state in %s", C.rank(), ckpt)
         return None
     return json.loads(path.read_text())
 
@@ -524,7 +462,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, layout: ParallelLa
                                   f"load it with load_model or checkpoint.load")
         _load_optimizer(ckpt / "optimizer", model, optimizer,
                         manifest.get("sharded_metadata", SHARDED_METADATA))
-        if _rank() == 0:
+        if C.rank() == 0:
             _log_hyperparameter_changes(manifest["optimizer"]["param_groups"], optimizer)
     rank_state = _rank_state(ckpt, manifest, layout) if load_rank_state else None
     return manifest, rank_state

@@ -34,7 +34,6 @@ turns drops off everywhere (then an embedding no longer depends on the rest of t
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -44,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.config import ModelConfig, from_dict
+from trainer.io import sha256
 
 FORMAT = "upclip"
 FORMAT_VERSION = 1
@@ -283,14 +283,6 @@ def mismatch_report(expected: dict, got: dict) -> str:
             more = f", ... {len(keys) - 5} more" if len(keys) > 5 else ""
             parts.append(f"{len(keys)} {what}: {', '.join(map(show, keys[:5]))}{more}")
     return "; ".join(parts)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify_checksums(directory: str | Path) -> None:

@@ -25,11 +25,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from trainer import checkpoint, step as S  # noqa: E402
+from trainer.models import build as B  # noqa: E402
+from trainer.distributed import grads as G  # noqa: E402
+from trainer import optim as O  # noqa: E402
 from trainer.config import config_to_dict, load_config  # noqa: E402
 from trainer.distributed import ParallelLayout, init_distributed, read_launch_env  # noqa: E402
 from trainer.distributed.rng import rng_state, set_rng_state  # noqa: E402
 from trainer.models.state import full_state_dict  # noqa: E402
-from trainer.train import synthetic_microbatches  # noqa: E402
+from trainer.data.batches import synthetic_microbatches  # noqa: E402
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -50,8 +53,8 @@ def config(tp=1, ep=1, pp=1):
 def setup(cfg, world, seed=0):
     layout = ParallelLayout(world, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep)
     layout.initialize(seed=seed)  # the init seed; the data keep cfg.train.seed
-    model = S.build_model(cfg, layout)
-    return layout, model, S.wrap_ddp(model), S.build_optimizer(model, cfg)
+    model = B.build_for_training(cfg, layout)
+    return layout, model, G.wrap_ddp(model), O.build_optimizer(model, cfg.train)
 
 
 def train_step(cfg, layout, ddp, opt, step, noise=False):
@@ -62,11 +65,11 @@ def train_step(cfg, layout, ddp, opt, step, noise=False):
             torch.distributed.all_reduce(n, group=layout.tp_group())
             b["images"] = b["images"] + 0.1 * n / layout.tp
     metrics = S.forward_backward(ddp, batches, cfg)
-    S.finalize_grads(ddp, layout)
-    S.clip_grads(ddp, layout, cfg.train.grad_clip)
-    S.set_lr(opt, S.lr_at(step, cfg.train))
+    G.finalize_grads(ddp, layout)
+    G.clip_grads(ddp, layout, cfg.train.grad_clip)
+    O.set_lr(opt, O.lr_at(step, cfg.train))
     opt.step()
-    S.zero_grads(ddp, opt)
+    G.zero_grads(ddp, opt)
     return metrics["loss"] if metrics else None
 
 

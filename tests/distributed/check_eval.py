@@ -19,7 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from trainer import checkpoint, step as S  # noqa: E402
+from trainer import checkpoint  # noqa: E402
+from trainer.models import build as B  # noqa: E402
+from trainer.distributed import grads as G  # noqa: E402
 from trainer.config import config_to_dict, load_config  # noqa: E402
 from trainer.distributed import ParallelLayout, init_distributed, read_launch_env  # noqa: E402
 
@@ -51,8 +53,8 @@ def main(workdir: Path) -> None:
     torch.distributed.barrier()
     cfg = load_config(None, overrides(shards))
     layout = ParallelLayout(launch.world_size, ep=2).initialize(seed=0)
-    model = S.build_model(cfg, layout)
-    result = evaluate(S.wrap_ddp(model), cfg, layout, build_tokenizer(cfg.data.tokenizer))
+    model = B.build_for_training(cfg, layout)
+    result = evaluate(G.wrap_ddp(model), cfg, layout, build_tokenizer(cfg.data.tokenizer))
     checkpoint.save_checkpoint(workdir / "ckpt", 1, model, config_to_dict(cfg), layout)
     if launch.rank == 0:
         (workdir / "dp2.json").write_text(json.dumps(result, indent=1))

@@ -27,11 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import peers  # noqa: E402
 from trainer import checkpoint, step as S  # noqa: E402
+from trainer.models import build as B  # noqa: E402
+from trainer.distributed import grads as G  # noqa: E402
+from trainer import optim as O  # noqa: E402
 from trainer.config import config_to_dict, load_config  # noqa: E402
 from trainer.distributed import ParallelLayout, init_distributed, read_launch_env  # noqa: E402
 from trainer.models.state import full_state_dict, load_full_state_dict  # noqa: E402
 from trainer.moe.upcycle import dense_config, upcycle_state_dict  # noqa: E402
-from trainer.train import synthetic_microbatches  # noqa: E402
+from trainer.data.batches import synthetic_microbatches  # noqa: E402
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -65,11 +68,11 @@ def moments(model, opt, layout):
 
 def train_step(cfg, layout, ddp, opt, step):
     metrics = S.forward_backward(ddp, synthetic_microbatches(cfg, layout, step), cfg)
-    S.finalize_grads(ddp, layout)
-    S.clip_grads(ddp, layout, cfg.train.grad_clip)
-    S.set_lr(opt, S.lr_at(step, cfg.train))
+    G.finalize_grads(ddp, layout)
+    G.clip_grads(ddp, layout, cfg.train.grad_clip)
+    O.set_lr(opt, O.lr_at(step, cfg.train))
     opt.step()
-    S.zero_grads(ddp, opt)
+    G.zero_grads(ddp, opt)
     return metrics["loss"] if metrics else None
 
 
@@ -95,8 +98,8 @@ def upcycled(cfg, layout):
     dense_cfg = load_config(None, ["model.text.vocab_size=1000"])
     dense_cfg.parallel = cfg.parallel
     dense_cfg.model = dense_config(cfg.model)
-    full = full_state_dict(S.build_model(dense_cfg, layout), layout)
-    model = S.build_model(cfg, layout)
+    full = full_state_dict(B.build_for_training(dense_cfg, layout), layout)
+    model = B.build_for_training(cfg, layout)
     load_full_state_dict(model, upcycle_state_dict(full, cfg.model, seed=0), layout)
     return model
 
@@ -104,8 +107,8 @@ def upcycled(cfg, layout):
 def at_tp1(path, world):
     cfg = config()
     layout = ParallelLayout(world).initialize(seed=99)
-    model = S.build_model(cfg, layout)
-    opt = S.build_optimizer(model, cfg)
+    model = B.build_for_training(cfg, layout)
+    opt = O.build_optimizer(model, cfg.train)
     manifest, _ = checkpoint.load_checkpoint(path, model, layout, optimizer=opt)
     return cfg, layout, model, opt, manifest
 
@@ -124,7 +127,7 @@ def main():
     cfg = config(tp=2, ep=2)
     layout = ParallelLayout(world, 2, 1, 2).initialize(seed=0)
     model = upcycled(cfg, layout)
-    ddp, opt = S.wrap_ddp(model), S.build_optimizer(model, cfg)
+    ddp, opt = G.wrap_ddp(model), O.build_optimizer(model, cfg.train)
     for step in (1, 2, 3):
         out[f"loss_{step}"] = train_step(cfg, layout, ddp, opt, step)
     checkpoint.save_checkpoint(workdir / "ck", 3, model, config_to_dict(cfg), layout,
@@ -158,7 +161,7 @@ def main():
     out["reshard_vs_tp2ep2"] = max_diff(embed(a, images, text), ref)
     weights_a, moments_a = snapshot(a, layout), moments(a, opt_a, layout)
     out["reshard_steps"] = sorted({float(s["step"]) for s in opt_a.state.values()})
-    out["reshard_loss_4"] = train_step(cfg, layout, S.wrap_ddp(a), opt_a, 4)
+    out["reshard_loss_4"] = train_step(cfg, layout, G.wrap_ddp(a), opt_a, 4)
     del a, opt_a
 
     cfg, layout, b, opt_b, _ = at_tp1(workdir / "ck", world)
@@ -166,7 +169,7 @@ def main():
     moments_b = moments(b, opt_b, layout)
     for m in MOMENTS:
         out[m], out[f"{m}_keys"] = max_dict_diff(moments_a[m], moments_b[m])
-    out["direct_loss_4"] = train_step(cfg, layout, S.wrap_ddp(b), opt_b, 4)
+    out["direct_loss_4"] = train_step(cfg, layout, G.wrap_ddp(b), opt_b, 4)
 
     (workdir / f"result_rank{rank}.json").write_text(json.dumps(out, indent=1))
     ParallelLayout.destroy()

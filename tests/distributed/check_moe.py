@@ -12,7 +12,7 @@ and checks the tolerances):
   ranks as microbatches, so each rank routes different tokens);
 - DeepSpeed's expert groups are megatron's;
 - a checkpoint saved at TP=2 x EP=2 reloads at TP=1 x EP=1 and EP=4 bit-exact;
-- ``python -m trainer.moe.upcycle`` (its main) writes an MoE checkpoint that, reloaded at
+- ``python -m trainer.upcycle`` (its main) writes an MoE checkpoint that, reloaded at
   another layout, still computes the dense model's embeddings.
 """
 import json
@@ -26,10 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import peers  # noqa: E402
 from trainer import checkpoint, step as S  # noqa: E402
+from trainer.models import build as B  # noqa: E402
+from trainer.distributed import grads as G  # noqa: E402
 from trainer.config import config_to_dict, load_config  # noqa: E402
 from trainer.distributed import ParallelLayout, init_distributed, read_launch_env  # noqa: E402
 from trainer.models.state import full_state_dict  # noqa: E402
-from trainer.moe.upcycle import main as upcycle_cli, upcycle_model  # noqa: E402
+from trainer.upcycle import main as upcycle_cli, upcycle_model  # noqa: E402
 
 SLICES = 4  # the global batch: 4 slices of 4 samples, spread over the DP ranks
 
@@ -72,9 +74,9 @@ def embeddings(model, images, text):
 
 def loss_and_grads(cfg, layout, model, slices):
     mine = [s for i, s in enumerate(slices) if i % layout.dp == layout.dp_rank]
-    ddp = S.wrap_ddp(model)
+    ddp = G.wrap_ddp(model)
     out = S.forward_backward(ddp, mine, cfg)
-    S.finalize_grads(ddp, layout)  # megatron DDP: DP / expert-DP reduce, routers over TP
+    G.finalize_grads(ddp, layout)  # megatron DDP: DP / expert-DP reduce, routers over TP
     t = torch.tensor([out["loss"] if out is not None else 0.0])
     torch.distributed.all_reduce(t)  # the loss lives on the last stage's DP ranks
     return float(t) / (layout.dp * layout.tp), full_state_dict(model, layout, grads=True)
@@ -117,7 +119,7 @@ def main():
     # the dense source, saved once
     dense_cfg = config(moe=False)
     layout = layout_for(dense_cfg, world)
-    dense = S.build_model(dense_cfg, layout)
+    dense = B.build_for_training(dense_cfg, layout)
     dense_img, dense_txt = embeddings(dense, images, text)
     checkpoint.save_checkpoint(workdir / "dense", 1, dense, config_to_dict(dense_cfg), layout)
     dense_ckpt = str(workdir / "dense")
@@ -168,7 +170,7 @@ def main():
     for name, kw in (("ckpt_to_ep1", dict(ep=1, aux=False)), ("ckpt_to_ep4", dict(ep=4, aux=False))):
         cfg = config(**kw)
         layout = layout_for(cfg, world)
-        model = S.build_model(cfg, layout)
+        model = B.build_for_training(cfg, layout)
         checkpoint.load_model(workdir / "moe_tp2ep2", model, layout)
         weights = full_state_dict(model, layout)
         out[name] = max(max_abs(weights[k], v) for k, v in saved_weights.items())
@@ -179,7 +181,7 @@ def main():
                                  *overrides(tp=2, ep=2, aux=False)])
     cfg = config(ep=1, aux=False)
     layout = layout_for(cfg, world)
-    model = S.build_model(cfg, layout)
+    model = B.build_for_training(cfg, layout)
     checkpoint.load_model(workdir / "cli_moe", model, layout)
     img, txt = embeddings(model, images, text)
     out["cli_upcycle_preserve"] = max(max_abs(img, dense_img), max_abs(txt, dense_txt))

@@ -15,6 +15,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from trainer import checkpoint, step as S  # noqa: E402
+from trainer.models import build as B  # noqa: E402
+from trainer.distributed import grads as G  # noqa: E402
 from trainer.config import config_from_saved  # noqa: E402
 from trainer.distributed import ParallelLayout, init_distributed, read_launch_env  # noqa: E402
 from trainer.models.state import full_state_dict  # noqa: E402
@@ -25,7 +27,7 @@ def build(workdir: Path, ckpt: str, tp: int, pp: int, world: int):
     cfg.parallel.tp, cfg.parallel.pp = tp, pp
     cfg.train.global_contrastive = False  # DP replicas here compute the same batch
     layout = ParallelLayout(world, tp, pp).initialize(seed=123)
-    model = S.build_model(cfg, layout)
+    model = B.build_for_training(cfg, layout)
     checkpoint.load_model(workdir / ckpt, model, layout)
     return cfg, layout, model
 
@@ -38,9 +40,9 @@ def microbatches(refs):
 
 
 def loss_and_grads(cfg, layout, model, refs):
-    ddp = S.wrap_ddp(model)
+    ddp = G.wrap_ddp(model)
     out = S.forward_backward(ddp, microbatches(refs), cfg)
-    S.finalize_grads(ddp, layout)
+    G.finalize_grads(ddp, layout)
     loss = out["loss"] if out is not None else None
     grads = full_state_dict(model, layout, grads=True)
     if layout.pp > 1:  # the loss lives on the last stage

@@ -183,14 +183,14 @@ if __name__ == "__main__":
         for p in model.parameters():
             p.add_(1.0)
     opt.step()
-    real = checkpoint._write_atomic
+    real = checkpoint.write_atomic
 
     def crash(path, text):
         if path.name == checkpoint.MANIFEST:  # every shard is on disk, the manifest is not
             os._exit(1)
         real(path, text)
 
-    checkpoint._write_atomic = crash
+    checkpoint.write_atomic = crash
     checkpoint.save_checkpoint(root, 2, model, config_to_dict(cfg), layout, optimizer=opt,
                                rank_state={"x": 1})
 """

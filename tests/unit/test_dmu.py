@@ -211,10 +211,12 @@ def _cfg(*overrides):
 
 
 def test_ffn_only_training_leaves_the_rest_bit_identical(dist1):
-    from trainer import step as S
+    from trainer import optim as O, step as S
+    from trainer.distributed import grads as G
+    from trainer.models import build as B
     from trainer.dmu.assemble import ffn_patterns
     from trainer.models.state import canonical_names
-    from trainer.train import synthetic_microbatches
+    from trainer.data.batches import synthetic_microbatches
 
     moe = _cfg("model.vision.moe.num_experts=2", "model.vision.moe.every=2",
                "model.text.moe.num_experts=2", "model.text.moe.layers=[0]").model
@@ -222,22 +224,22 @@ def test_ffn_only_training_leaves_the_rest_bit_identical(dist1):
     cfg = _cfg(f"train.trainable={json.dumps(patterns)}", "train.weight_decay=0.1",
                "train.lr=0.01", "train.micro_batch_size=4")
     torch.manual_seed(0)
-    model = S.build_model(cfg, dist1)
+    model = B.build_for_training(cfg, dist1)
     names = canonical_names(model)
     trainable = {names[n] for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {p for p in patterns}, trainable
     before = {names[n]: p.detach().clone() for n, p in model.named_parameters()}
-    ddp = S.wrap_ddp(model)
-    opt = S.build_optimizer(model, cfg)
+    ddp = G.wrap_ddp(model)
+    opt = O.build_optimizer(model, cfg.train)
     assert sum(len(g["params"]) for g in opt.param_groups) == len(patterns)
     for step in range(1, 4):
-        S.set_lr(opt, cfg.train.lr)
+        O.set_lr(opt, cfg.train.lr)
         S.forward_backward(ddp, synthetic_microbatches(cfg, dist1, step), cfg)
-        S.finalize_grads(ddp, dist1)
-        S.clip_grads(ddp, dist1, cfg.train.grad_clip)
+        G.finalize_grads(ddp, dist1)
+        G.clip_grads(ddp, dist1, cfg.train.grad_clip)
         opt.step()
-        S.clamp_logit_scale(model, cfg.train.max_logit_scale)
-        S.zero_grads(ddp, opt)
+        O.clamp_logit_scale(model, cfg.train.max_logit_scale)
+        G.zero_grads(ddp, opt)
     for n, p in model.named_parameters():
         name = names[n]
         if name in trainable:
@@ -247,7 +249,8 @@ def test_ffn_only_training_leaves_the_rest_bit_identical(dist1):
 
 
 def test_trainable_errors_name_the_field(dist1):
-    from trainer import step as S
+    from trainer import optim as O
+    from trainer.models import build as B
     from trainer.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"train.trainable\[1\]='fnn'"):
@@ -256,8 +259,8 @@ def test_trainable_errors_name_the_field(dist1):
         _cfg("train.trainable=[router]")     # a dense model has no router
     dense = _cfg("train.trainable=[visual.nothing.*]")
     with pytest.raises(ValueError, match=r"train.trainable=\['visual.nothing.\*'\] selects no"):
-        S.build_optimizer(S.build_model(dense, dist1), dense)
-    model = S.build_model(_cfg("train.trainable=[ffn]"), dist1)
+        O.build_optimizer(B.build_for_training(dense, dist1), dense.train)
+    model = B.build_for_training(_cfg("train.trainable=[ffn]"), dist1)
     assert {n.split(".mlp.")[0] for n, p in model.named_parameters() if p.requires_grad} == {
         f"{t}.transformer.layers.{i}" for t in ("visual", "text") for i in (0, 1)}
 
@@ -272,7 +275,7 @@ def _features(model, images, text):
 
 @pytest.mark.parametrize("top_k,dispatch", [(1, "capacity"), (2, "capacity"), (2, "dropless")])
 def test_assembled_expert_equals_its_stage_model(dist1, top_k, dispatch):
-    from trainer import step as S
+    from trainer.models import build as B
     from trainer.dmu.assemble import (DMUError, assemble_state_dict, expert_distances,
                                       ffn_patterns, stage_ffn)
     from trainer.models.state import full_state_dict, load_full_state_dict
@@ -285,7 +288,7 @@ def test_assembled_expert_equals_its_stage_model(dist1, top_k, dispatch):
     dense_cfg = _cfg()
     dense_cfg.model = dense_config(cfg.model)
     torch.manual_seed(3)
-    dense = S.build_model(dense_cfg, dist1)
+    dense = B.build_for_training(dense_cfg, dist1)
     dense_full = full_state_dict(dense, dist1)
     ffn = set(ffn_patterns(cfg.model))
     stages, stage_models = [], []
@@ -293,12 +296,12 @@ def test_assembled_expert_equals_its_stage_model(dist1, top_k, dispatch):
         g = torch.Generator().manual_seed(k)
         full = {n: (t + 0.05 * torch.randn(t.shape, generator=g) if n in ffn else t.clone())
                 for n, t in dense_full.items()}
-        model = S.build_model(dense_cfg, dist1)
+        model = B.build_for_training(dense_cfg, dist1)
         load_full_state_dict(model, full, dist1)
         stage_models.append(model)
         stages.append(stage_ffn(full, dense_full, cfg.model, k))
     state = assemble_state_dict(dense_full, stages, cfg.model, seed=0)
-    moe = S.build_model(cfg, dist1)
+    moe = B.build_for_training(cfg, dist1)
     load_full_state_dict(moe, state, dist1)
     images, text = peers.sample_inputs(n=5, seed=4)
     for e, ref in enumerate([dense] + stage_models):

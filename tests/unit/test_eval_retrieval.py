@@ -298,7 +298,8 @@ def test_schedule_pass_equals_plain_pass_with_regions(dist1, tmp_path):
     from trainer.data.writer import write_shards
     from trainer.eval import compute_metrics, evaluate
     from trainer.eval.embed import embed_distributed, embed_plain, eval_batches
-    from trainer.step import build_model, wrap_ddp
+    from trainer.models.build import build_for_training
+    from trainer.distributed.grads import wrap_ddp
 
     write_shards(sources.fashion_mnist("test", count=40, regions="box"), tmp_path, "fm", 20,
                  info={"classnames": list(sources.FASHION_MNIST_CLASSES)})
@@ -308,7 +309,7 @@ def test_schedule_pass_equals_plain_pass_with_regions(dist1, tmp_path):
                  "data.tokenizer.context_length=16")
     tok = build_tokenizer(cfg.data.tokenizer)
     torch.manual_seed(0)
-    model = build_model(cfg, dist1)
+    model = build_for_training(cfg, dist1)
     ddp = wrap_ddp(model)
     got = evaluate(ddp, cfg, dist1, tok)
     assert got["eval_images"] == 40 and got["regions"] == 40 and got["retrieval_texts"] <= 10

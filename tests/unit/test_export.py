@@ -1,4 +1,4 @@
-"""Exports (tools/convert_checkpoint.py export, trainer/models/export.py) and the plain model
+"""Exports (tools/convert_checkpoint.py export, trainer/export.py) and the plain model
 (trainer/hub.py), one process, CPU, fp32, against real open_clip and transformers.
 
 The source is an open_clip CLIP with the real CLIP BPE vocabulary (49408 ids, 16-token
@@ -138,7 +138,7 @@ def moe_ckpt(src, dist1):
     """The dense checkpoint upcycled (experts equal) and saved as an MoE checkpoint."""
     from trainer import checkpoint
     from trainer.config import config_from_saved, config_to_dict
-    from trainer.moe.upcycle import upcycle_model
+    from trainer.upcycle import upcycle_model
 
     cfg = config_from_saved(checkpoint.read_manifest(src["ckpt"])["config"])
     for tower in (cfg.model.vision, cfg.model.text):
@@ -172,9 +172,9 @@ def test_moe_export_needs_merge_then_merges_exactly(src, moe_ckpt, capsys):
 
 
 def test_merge_experts_is_the_mean(src, moe_ckpt, dist1):
-    from trainer.models import export
+    from trainer import export, reshard
 
-    s = export.read_checkpoint(moe_ckpt, dist1)
+    s = reshard.read_checkpoint(moe_ckpt, dist1)
     mlp = "text.transformer.layers.1.mlp."
     for n in ("w1", "b1", "w2", "b2"):  # experts no longer equal
         s.full[f"{mlp}deepspeed_moe.experts.{n}"].add_(torch.randn_like(
@@ -201,7 +201,7 @@ MOE_CASES = {
 def test_plain_model_routes_like_upclip(case, dist1):
     from trainer.config import load_config
     from trainer.models.state import full_state_dict
-    from trainer.step import build_model
+    from trainer.models.build import build_for_training
 
     over = [f"model.text.vocab_size={peers.VOCAB}"]
     for tower in ("vision", "text"):
@@ -213,7 +213,7 @@ def test_plain_model_routes_like_upclip(case, dist1):
         over += ["model.prompter.layers=1", "model.logit_bias_init=-10.0"]
     cfg = load_config(None, over)
     torch.manual_seed(1)
-    model = build_model(cfg, dist1).eval()
+    model = build_for_training(cfg, dist1).eval()
     plain = hub.UpCLIPModel(cfg.model)
     plain.load_state_dict(convert.to_hub(full_state_dict(model, dist1), cfg.model))
     plain.eval()

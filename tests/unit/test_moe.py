@@ -33,11 +33,11 @@ AUX_NAMES = ("load_balance", "z_loss", "entropy_local", "entropy_global")
 
 def make_model(layout, overrides, seed=0):
     from trainer.config import load_config
-    from trainer.step import build_model
+    from trainer.models.build import build_for_training
 
     cfg = load_config(None, [f"model.text.vocab_size={peers.VOCAB}", *overrides])
     torch.manual_seed(seed)
-    return build_model(cfg, layout), cfg
+    return build_for_training(cfg, layout), cfg
 
 
 def moe_layers(model):

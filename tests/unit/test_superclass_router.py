@@ -57,11 +57,12 @@ def test_superclass_loss_equals_direct_cross_entropy():
 
 def test_gradient_reaches_only_the_router(dist1):
     from trainer import step as S
+    from trainer.models import build as B
     from trainer.moe.layer import moe_mlps
 
     cfg = _cfg()
     torch.manual_seed(5)
-    model = S.build_model(cfg, dist1).train()
+    model = B.build_for_training(cfg, dist1).train()
     (mlp,) = moe_mlps(model)
     captured = []
     mlp.register_forward_pre_hook(lambda m, args: captured.append(args[0].detach().clone()))
@@ -90,13 +91,15 @@ def test_gradient_reaches_only_the_router(dist1):
 
 
 def test_training_step_passes_and_clears_labels(dist1):
-    from trainer import step as S
+    from trainer import optim as O, step as S
+    from trainer.distributed import grads as G
+    from trainer.models import build as B
     from trainer.moe.layer import moe_mlps
-    from trainer.train import synthetic_microbatches
+    from trainer.data.batches import synthetic_microbatches
 
     cfg = _cfg("train.micro_batch_size=4")
-    model = S.build_model(cfg, dist1)
-    ddp = S.wrap_ddp(model)
+    model = B.build_for_training(cfg, dist1)
+    ddp = G.wrap_ddp(model)
     (mlp,) = moe_mlps(model)
     batch = synthetic_microbatches(cfg, dist1, 1)[0]
     S.forward_backward(ddp, [dict(batch, labels=torch.tensor([0, 1, 5, 9]))], cfg)
@@ -104,7 +107,7 @@ def test_training_step_passes_and_clears_labels(dist1):
     assert float(mlp.pop_stats()["aux_superclass"]) > 0
     S.forward_backward(ddp, [batch], cfg)                  # no labels: no super-class loss
     assert "aux_superclass" not in mlp.pop_stats()
-    S.zero_grads(ddp, S.build_optimizer(model, cfg))
+    G.zero_grads(ddp, O.build_optimizer(model, cfg.train))
 
 
 def test_superclass_config_errors_name_the_field(tmp_path):

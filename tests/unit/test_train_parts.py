@@ -24,7 +24,7 @@ def cfg_of(*overrides):
 
 
 def test_lr_schedule():
-    from trainer.step import lr_at
+    from trainer.optim import lr_at
 
     t = cfg_of("train.lr=1.0", "train.steps=110", "train.warmup_steps=10",
                "train.min_lr_ratio=0.1").train
@@ -37,15 +37,16 @@ def test_lr_schedule():
 
 
 def test_optimizer_groups(dist1):
-    from trainer.step import build_model, build_optimizer, set_lr
+    from trainer.models.build import build_for_training
+    from trainer.optim import build_optimizer, set_lr
 
     moe = []
     for tower in ("vision", "text"):
         moe += [f"model.{tower}.moe.num_experts=4", f"model.{tower}.moe.every=2"]
     cfg = cfg_of(*moe, "train.lr_mult_experts=0.5", "train.lr_mult_routers=2.0",
                  "train.weight_decay=0.2")
-    model = build_model(cfg, dist1)
-    opt = build_optimizer(model, cfg)
+    model = build_for_training(cfg, dist1)
+    opt = build_optimizer(model, cfg.train)
     groups = {g["name"]: g for g in opt.param_groups}
     assert set(groups) == {"dense_decay", "dense_no_decay", "expert_decay", "expert_no_decay",
                            "router_decay"}
@@ -70,10 +71,10 @@ def test_flops_formula_matches_counter(dist1):
     from torch.utils.flop_counter import FlopCounterMode
 
     from trainer.metrics import model_flops_per_sample
-    from trainer.step import build_model
+    from trainer.models.build import build_for_training
 
     cfg = cfg_of()
-    model = build_model(cfg, dist1)
+    model = build_for_training(cfg, dist1)
     b = 4
     images, text = peers.sample_inputs(n=b)
     with FlopCounterMode(display=False) as counter:
@@ -86,10 +87,10 @@ def test_flops_formula_matches_counter(dist1):
 
 def test_cloc_outputs_and_region_loss_trains_prompter(dist1):
     from trainer.losses import region_text_loss
-    from trainer.step import build_model
+    from trainer.models.build import build_for_training
 
     cfg = cfg_of("model.prompter.layers=1", "train.region_loss_weight=1.0")
-    model = build_model(cfg, dist1)
+    model = build_for_training(cfg, dist1)
     assert not hasattr(model, "logit_bias")
     images, text = peers.sample_inputs(n=3)
     boxes = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]]).expand(3, 2, 4)
@@ -103,7 +104,7 @@ def test_cloc_outputs_and_region_loss_trains_prompter(dist1):
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0
                for p in model.prompter.parameters())
-    siglip = build_model(cfg_of("train.loss=siglip", "model.logit_bias_init=-10"), dist1)
+    siglip = build_for_training(cfg_of("train.loss=siglip", "model.logit_bias_init=-10"), dist1)
     assert float(siglip(images, text)["logit_bias"]) == -10.0
 
 
@@ -112,7 +113,8 @@ def test_zero_shot_matches_hand_computation(dist1, tmp_path):
     from trainer.data import sources
     from trainer.data.writer import write_shards
     from trainer.eval.zeroshot import zero_shot_accuracy
-    from trainer.step import build_model, wrap_ddp
+    from trainer.models.build import build_for_training
+    from trainer.distributed.grads import wrap_ddp
 
     write_shards(sources.fashion_mnist("test", count=40), tmp_path, "fm", 40,
                  info={"classnames": list(sources.FASHION_MNIST_CLASSES)})
@@ -122,7 +124,7 @@ def test_zero_shot_matches_hand_computation(dist1, tmp_path):
                  "eval.templates=['a photo of a {}', 'a {}']")
     tok = build_tokenizer(cfg.data.tokenizer)
     torch.manual_seed(0)
-    model = build_model(cfg, dist1)
+    model = build_for_training(cfg, dist1)
     got = zero_shot_accuracy(wrap_ddp(model), cfg, dist1, tok)
     assert got["eval_images"] == 40
     # by hand: every image through encode_image, every prompt through encode_text
@@ -150,10 +152,10 @@ def test_zero_shot_matches_hand_computation(dist1, tmp_path):
 
 def test_metrics_logger_and_moe_stats(dist1, tmp_path):
     from trainer.metrics import MetricsLogger, moe_layer_stats
-    from trainer.step import build_model
+    from trainer.models.build import build_for_training
 
     cfg = cfg_of("model.vision.moe.num_experts=4", "model.vision.moe.every=1")
-    model = build_model(cfg, dist1)
+    model = build_for_training(cfg, dist1)
     images, text = peers.sample_inputs(n=4)
     model(images, text)
     stats = moe_layer_stats(model, dist1)
@@ -174,13 +176,13 @@ def test_activation_checkpointing_same_loss_and_grads(dist1):
     """train.activation_checkpointing recomputes the blocks in backward: same loss and
     gradients as storing activations (CPU, fp32: per-tensor relative L2 error <= 1e-6;
     the recomputed forward runs the same ops, only the summation order of grads differs)."""
-    from trainer.step import build_model
+    from trainer.models.build import build_for_training
 
     images, text = peers.sample_inputs(n=4)
     grads = []
     for recompute in (False, True):
         torch.manual_seed(0)
-        model = build_model(cfg_of(f"train.activation_checkpointing={recompute}"), dist1)
+        model = build_for_training(cfg_of(f"train.activation_checkpointing={recompute}"), dist1)
         out = model(images, text)
         (out["image_features"] @ out["text_features"].t()).sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()

@@ -231,7 +231,8 @@ class ShardLoader:
 
 # ---------------------------------------------------------------------- builders
 
-def _processor(cfg: DataConfig, train: bool, tokenizer: Tokenizer | None) -> SampleProcessor:
+def sample_processor(cfg: DataConfig, train: bool, tokenizer: Tokenizer | None) -> SampleProcessor:
+    """Decode, transform and tokenize one sample as training (``train``) or evaluation does."""
     a = cfg.augment
     transform = ImageTransform(
         size=cfg.image_size, train=train, scale=(a.scale_min, a.scale_max),
@@ -256,7 +257,7 @@ def build_train_loader(cfg: DataConfig, rank: int, world: int,
     if cfg.group_labels:
         from trainer.data.grouping import load_label_table
         labels = load_label_table(cfg.group_labels)
-    ds = ShardDataset(urls, _processor(cfg, True, tokenizer), rank=rank, world=world,
+    ds = ShardDataset(urls, sample_processor(cfg, True, tokenizer), rank=rank, world=world,
                       num_workers=cfg.workers, batch_size=cfg.batch_size, drop_last=cfg.drop_last,
                       seed=cfg.seed, shuffle_shards=cfg.shuffle_shards,
                       shuffle_buffer=cfg.shuffle_buffer, resampled=cfg.resampled, train=True,
@@ -271,7 +272,7 @@ def build_eval_loader(cfg: DataConfig, rank: int = 0, world: int = 1, urls: str 
     augmentation (resize + center crop), keeps the last partial batch."""
     spec = urls if urls is not None else cfg.eval_urls
     shard_urls = expand_urls(spec, "data.eval_urls")
-    ds = ShardDataset(shard_urls, _processor(cfg, False, tokenizer), rank=rank, world=world,
+    ds = ShardDataset(shard_urls, sample_processor(cfg, False, tokenizer), rank=rank, world=world,
                       num_workers=cfg.workers, batch_size=cfg.eval_batch_size or cfg.batch_size,
                       drop_last=False, seed=cfg.seed, shuffle_shards=False, shuffle_buffer=1,
                       resampled=False, train=False)

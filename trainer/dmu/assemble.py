@@ -17,38 +17,27 @@ import torch
 import torch.distributed as dist
 
 from trainer.config import Config, ModelConfig, config_to_dict
+from trainer.distributed.collectives import default_device
 from trainer.distributed.layout import ParallelLayout
-from trainer.moe.upcycle import TOWERS, dense_config, upcycle_state_dict
+from trainer.moe import names
+from trainer.moe.upcycle import dense_config, upcycle_state_dict
 
 log = logging.getLogger("upclip")
-
-FFN = ("linear_fc1.weight", "linear_fc1.bias", "linear_fc2.weight", "linear_fc2.bias")
-EXPERT = ("w1", "b1", "w2", "b2")
-
 
 class DMUError(ValueError):
     pass
 
 
-def moe_mlps(model: ModelConfig) -> list[str]:
-    """Canonical name prefixes (``visual.transformer.layers.3.mlp.``) of the MoE blocks."""
-    out = []
-    for prefix, name in TOWERS:
-        tower = getattr(model, name)
-        out += [f"{prefix}.transformer.layers.{i}.mlp." for i in tower.moe.moe_layers(tower.layers)]
-    return out
-
-
 def ffn_patterns(model: ModelConfig) -> list[str]:
     """``train.trainable`` globs for the MCL stages: the FFNs of the blocks that become MoE."""
-    return [f"{p}{name}" for p in moe_mlps(model) for name in FFN]
+    return [f"{p}{name}" for p in names.moe_mlp_prefixes(model) for name in names.DENSE_FFN]
 
 
 def stage_ffn(full: dict[str, torch.Tensor], dense: dict[str, torch.Tensor],
               model: ModelConfig, stage: int) -> dict[str, torch.Tensor]:
     """The FFN tensors of the MoE blocks from a stage's full state dict; raises DMUError when
     the stage changed any other weight."""
-    ffn = {p + n for p in moe_mlps(model) for n in FFN}
+    ffn = {p + n for p in names.moe_mlp_prefixes(model) for n in names.DENSE_FFN}
     for name, value in dense.items():
         if name not in ffn and not torch.equal(full[name], value):
             raise DMUError(f"stage {stage} changed {name}, which is not an FFN of an MoE block "
@@ -61,21 +50,20 @@ def assemble_state_dict(dense: dict[str, torch.Tensor], stages: list[dict[str, t
     """Canonical MoE state dict: experts [dense FFN, stage 1 FFN, ...], router per config."""
     out = upcycle_state_dict(dense, model, seed=seed)
     for e, ffn in enumerate(stages, start=1):
-        for mlp in moe_mlps(model):
-            experts = mlp + "deepspeed_moe.experts."
-            out[experts + "w1"][e] = ffn[mlp + "linear_fc1.weight"].t()   # [d, f]
-            out[experts + "b1"][e] = ffn[mlp + "linear_fc1.bias"]
-            out[experts + "w2"][e] = ffn[mlp + "linear_fc2.weight"].t()   # [f, d]
-            out[experts + "b2"][e] = ffn[mlp + "linear_fc2.bias"]
+        for mlp in names.moe_mlp_prefixes(model):
+            out[names.expert_key(mlp, "w1")][e] = ffn[mlp + names.FC1_WEIGHT].t()   # [d, f]
+            out[names.expert_key(mlp, "b1")][e] = ffn[mlp + names.FC1_BIAS]
+            out[names.expert_key(mlp, "w2")][e] = ffn[mlp + names.FC2_WEIGHT].t()   # [f, d]
+            out[names.expert_key(mlp, "b2")][e] = ffn[mlp + names.FC2_BIAS]
     return out
 
 
 def expert_distances(state: dict[str, torch.Tensor], model: ModelConfig) -> list[list[float]]:
     """[E, E]: ||expert a - expert b|| / ||expert a|| (all four tensors flattened), averaged
     over the MoE blocks."""
-    mlps = moe_mlps(model)
-    flat = [torch.cat([state[m + "deepspeed_moe.experts." + n].flatten(1).double()
-                       for n in EXPERT], dim=1) for m in mlps]                 # [E, P] each
+    mlps = names.moe_mlp_prefixes(model)
+    flat = [torch.cat([state[names.expert_key(m, n)].flatten(1).double()
+                       for n in names.EXPERT_TENSORS], dim=1) for m in mlps]   # [E, P] each
     e = flat[0].shape[0]
     return [[sum(float((f[a] - f[b]).norm() / f[a].norm()) for f in flat) / len(flat)
              for b in range(e)] for a in range(e)]
@@ -85,14 +73,15 @@ def assemble(cfg: Config, sources: list[str], out_root: str, layout: ParallelLay
     """Collective. ``cfg``: the MoE (router-phase) config; ``sources``: the dense checkpoint,
     then the stage checkpoints. Saves the assembled model to ``out_root`` (step 0, no
     optimizer) and returns the measurements."""
-    from trainer import checkpoint, step as S
+    from trainer import checkpoint
+    from trainer.models.build import build_for_training
     from trainer.dmu.labels import forward_features
     from trainer.models.state import full_state_dict, load_full_state_dict
     from trainer.moe.layer import force_expert
     from trainer.signals import stop_signals_blocked
-    from trainer.train import synthetic_microbatches
+    from trainer.data.batches import synthetic_microbatches
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     dense_cfg = copy.deepcopy(cfg)
     dense_cfg.model = dense_config(cfg.model)
     dense_cfg.train.trainable = []
@@ -100,7 +89,7 @@ def assemble(cfg: Config, sources: list[str], out_root: str, layout: ParallelLay
              for k, v in synthetic_microbatches(cfg, layout, step=1)[0].items()}
     dense_full, ffns, refs = None, [], []
     for i, src in enumerate(sources):
-        model = S.build_model(dense_cfg, layout)
+        model = build_for_training(dense_cfg, layout)
         checkpoint.load_model(src, model, layout)
         model.to(device)
         refs.append(forward_features(model, probe, dense_cfg, layout))
@@ -112,7 +101,7 @@ def assemble(cfg: Config, sources: list[str], out_root: str, layout: ParallelLay
             ffns.append(stage_ffn(full, dense_full, cfg.model, i))
     state = assemble_state_dict(dense_full, ffns, cfg.model, seed=cfg.train.seed)
     del dense_full, ffns
-    model = S.build_model(cfg, layout)
+    model = build_for_training(cfg, layout)
     load_full_state_dict(model, state, layout)
     model.to(device)
     errors = []

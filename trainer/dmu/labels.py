@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.config import Config
+from trainer.distributed.collectives import default_device
 from trainer.distributed.layout import ParallelLayout
 from trainer.dmu.config import DMUConfig
 from trainer.dmu.kmeans import kmeans
@@ -137,7 +138,8 @@ def make_stage_labels(cfg: Config, source: str, prev_table: str | None, out: Pat
                       layout: ParallelLayout, seed: int) -> None:
     """Collective: embed ``data.train_urls`` with the (dense) checkpoint ``source`` and write
     the stage's label table to ``out``."""
-    from trainer import checkpoint, step as S
+    from trainer import checkpoint
+    from trainer.models.build import build_for_training
     from trainer.data import build_tokenizer
     from trainer.data.grouping import load_label_table
 
@@ -146,9 +148,9 @@ def make_stage_labels(cfg: Config, source: str, prev_table: str | None, out: Pat
         shutil.rmtree(feat_dir, ignore_errors=True)
         feat_dir.mkdir(parents=True)
     dist.barrier()
-    model = S.build_model(cfg, layout)
+    model = build_for_training(cfg, layout)
     checkpoint.load_model(source, model, layout)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     model.to(device)
     log.info("dmu: embedding %s with %s", cfg.data.train_urls, source)
     got = embed_dataset(model, cfg, layout, build_tokenizer(cfg.data.tokenizer))

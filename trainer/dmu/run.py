@@ -128,11 +128,12 @@ def _mark_done(path: Path, info: dict) -> None:
 
 def run(plan: Plan, launch, layout: ParallelLayout, signals=None) -> int:
     """Collective. Runs what is not done yet; returns the exit code."""
-    from trainer import checkpoint, train
+    from trainer import checkpoint
     from trainer.distributed import init_distributed
     from trainer.dmu.assemble import assemble
     from trainer.dmu.labels import make_stage_labels
     from trainer.signals import EXIT_REQUEUE, StopSignals
+    from trainer.trainer import Trainer
 
     signals = signals or StopSignals()
 
@@ -145,8 +146,8 @@ def run(plan: Plan, launch, layout: ParallelLayout, signals=None) -> int:
 
     def train_phase(cfg: Config) -> dict:
         nonlocal signals
-        result = train.run(cfg, launch, layout, signals)
-        signals = StopSignals()  # train.run restored the previous handlers
+        result = Trainer(cfg, launch, layout, signals).train()
+        signals = StopSignals()  # train() restored the previous handlers
         return result
 
     init_distributed(launch)

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
-    from trainer import step as S
+    from trainer.models.build import build_for_training
     from trainer.data import build_tokenizer
     from trainer.distributed import ParallelLayout, init_distributed, read_launch_env
     from trainer.eval.zeroshot import classifier
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     layout = ParallelLayout(1).initialize(seed=cfg.train.seed)
     saved.parallel.tp = saved.parallel.pp = saved.parallel.ep = 1
     saved.train.trainable = []
-    model = S.build_model(saved, layout)
+    model = build_for_training(saved, layout)
     checkpoint.load_model(args.checkpoint, model, layout)
     model.eval()
     with torch.no_grad():

@@ -32,7 +32,7 @@ def eval_mode(model):
     """``model.eval()`` inside, the previous mode after; MoE routing statistics gathered
     meanwhile are dropped (evaluation stays out of the training statistics)."""
     from trainer.moe.layer import MoEMLP
-    from trainer.step import unwrap
+    from trainer.distributed.grads import unwrap
 
     inner = unwrap(model)
     was_training = inner.training

@@ -175,13 +175,13 @@ class _Collate:
 def eval_batches(cfg: Config, rank: int, world: int, tokenizer) -> Iterator[dict]:
     """Batches of data-parallel rank ``rank`` of ``world`` (trainer/data's batch dict) from
     the eval set. Raises EvalSetError when it cannot be read."""
-    from trainer.data.pipeline import _processor, build_eval_loader
+    from trainer.data.pipeline import build_eval_loader, sample_processor
 
     check_eval_set(cfg)
     if not cfg.eval.csv:
         yield from build_eval_loader(cfg.data, rank=rank, world=world, tokenizer=tokenizer)
         return
-    processor = _processor(cfg.data, False, tokenizer)
+    processor = sample_processor(cfg.data, False, tokenizer)
     rows = read_csv_rows(cfg)[rank::world]
     loader = torch.utils.data.DataLoader(
         _CsvRows(rows, processor), batch_size=cfg.data.eval_batch_size or cfg.data.batch_size,
@@ -283,7 +283,7 @@ def embed_distributed(model: torch.nn.Module, cfg: Config, layout, tokenizer, *,
 
     from trainer.data.normalize import normalize_on_device
     from trainer.eval import eval_mode
-    from trainer.step import unwrap
+    from trainer.distributed.grads import unwrap
 
     inner = unwrap(model)
     device = next(inner.parameters()).device

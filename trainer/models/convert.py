@@ -6,7 +6,7 @@
 Canonical names are those of ``trainer.models.clip.CLIP`` at tp=1, pp=1 (see ``state.py``).
 The only real work: megatron fuses Q, K, V per head (``[h0: q k v, h1: q k v, ...]``) where
 open_clip stacks them (``[q; k; v]``) and HF keeps three matrices. open_clip and HF have no
-experts: an MoE state dict goes to them only through ``merge_experts`` (trainer/models/export.py).
+experts: an MoE state dict goes to them only through ``merge_experts`` (trainer/export.py).
 """
 from __future__ import annotations
 

@@ -32,6 +32,7 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import make_sharded_tensor_for_checkpoint
 
+from trainer.moe import names
 from trainer.moe.config import MoEConfig
 from trainer.moe.dispatch import (CapacityDispatch, busiest_expert, dropless_dispatch,
                                   expert_counts, gather_from_tp, scatter_to_tp)
@@ -57,10 +58,13 @@ class MoEMLP(MegatronModule):
         router = Router(config.hidden_size, moe)
         # The router sees only this TP rank's units: its gradient is summed over TP.
         router.wg.weight.sequence_parallel = True
+        names.mark(router.wg.weight, "router")
         experts = GroupedExperts(num_local, config.hidden_size, config.ffn_hidden_size,
                                  activation, config.init_method_std, config.params_dtype, group)
-        # DeepSpeed's MOELayer owns the gate and the experts (state keys
-        # ``deepspeed_moe.gate.wg.weight``, ``deepspeed_moe.experts.w1`` ... as in its MoE).
+        for p in experts.parameters():
+            names.mark(p, "expert")
+        # DeepSpeed's MOELayer owns the gate and the experts: the attribute is names.DISPATCH,
+        # so the state keys are names.ROUTER and names.EXPERTS + w1 ... (as in DeepSpeed's MoE).
         self.deepspeed_moe = CapacityDispatch(router, experts, self.ep, num_local)
         self.deepspeed_moe._set_ep_group(self.ep_group)
         self.layer_number = 0
@@ -178,13 +182,12 @@ class MoEMLP(MegatronModule):
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
                            metadata: dict | None = None) -> dict:
-        prefix = f"{prefix}deepspeed_moe."
-        out = {f"{prefix}gate.wg.weight": make_sharded_tensor_for_checkpoint(
-            self.router.wg.weight, f"{prefix}gate.wg.weight", prepend_offsets=sharded_offsets)}
+        out = {prefix + names.ROUTER: make_sharded_tensor_for_checkpoint(
+            self.router.wg.weight, prefix + names.ROUTER, prepend_offsets=sharded_offsets)}
         edp_rank = ps.get_expert_data_parallel_rank()
         axis = len(sharded_offsets)
         for name, p in self.experts.named_parameters():
-            key = f"{prefix}experts.{name}"
+            key = names.expert_key(prefix, name)
             out[key] = ShardedTensor.from_rank_offsets(
                 key, p, *sharded_offsets, (axis, self.ep_rank, self.ep),
                 replica_id=(0, 0, edp_rank), prepend_axis_num=axis)

@@ -1,9 +1,8 @@
-"""Exporting UpCLIP training checkpoints, and resharding them (tools/convert_checkpoint.py).
+"""Exporting UpCLIP training checkpoints (tools/convert_checkpoint.py).
 
-    src = read_checkpoint(path, layout)         # collective; any world size at tp = pp = ep = 1
+    src = read_checkpoint(path, layout)         # trainer/reshard.py; collective
     src = merge_experts(src, layout)            # MoE -> dense by averaging the experts (lossy)
     write_export(src, "hf" | "open_clip" | "moe", out)      # one process (rank 0)
-    reshard(path, out_root, layout, cfg)        # collective, at the target layout
 
 An export is written into ``<out>.partial``: the files, then ``SHA256SUMS``; the weights are
 read back and compared tensor by tensor (names, shapes, bits); the directory is reloaded with
@@ -25,41 +24,30 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from trainer.checkpoint import _all_gather, _rank  # the checkpoint's collectives
-from trainer.config import Config, ConfigError, ModelConfig, ParallelConfig, from_dict
+from trainer.config import Config, ModelConfig
 from trainer.distributed.layout import ParallelLayout
 from trainer.hub import (CHECKSUMS_FILE, CONFIG_FILE, FORMAT, FORMAT_VERSION, WEIGHTS_FILE,
-                         mismatch_report, sha256)
+                         mismatch_report)
+from trainer.io import sha256
 from trainer.models import convert
-from trainer.moe.upcycle import TOWERS, dense_config
+from trainer.models.build import build_model
+from trainer.moe import names
+from trainer.moe.upcycle import dense_config
+from trainer.reshard import Source
 
 log = logging.getLogger("upclip")
 
 TARGETS = ("hf", "open_clip", "moe")
 HF_SPECIAL = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
 RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}  # PIL codes, as HF stores them
-EXPERT_TENSORS = ("w1", "b1", "w2", "b2")
 
 
 class ExportError(RuntimeError):
     """One line naming the file (or field) and what is wrong."""
-
-
-@dataclass
-class Source:
-    """A training checkpoint in canonical names (trainer/models/state.py), on CPU."""
-    path: Path                     # the resolved checkpoint directory
-    manifest: dict
-    cfg: Config                    # as saved; cfg.model describes ``full``
-    full: dict[str, torch.Tensor]  # owned copies
-    model: torch.nn.Module         # UpCLIP at tp = pp = ep = 1 holding ``full`` (eval mode)
-    merged_from: torch.nn.Module | None = None  # the MoE model, after merge_experts
 
 
 def progress(iterable, total: int | None = None, desc: str = "", unit: str = "it"):
@@ -67,108 +55,6 @@ def progress(iterable, total: int | None = None, desc: str = "", unit: str = "it
     from tqdm import tqdm
     return tqdm(iterable, total=total, desc=desc, unit=unit, unit_scale=unit == "B",
                 disable=None, leave=False)
-
-
-# --------------------------------------------------------------------------- collectives
-
-def on_rank0(fn, *args, **kwargs):
-    """Collective: ``fn`` runs on rank 0; its result, or its error (re-raised as
-    ExportError with the same message), reaches every rank."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return fn(*args, **kwargs)
-    result = error = None
-    if _rank() == 0:
-        try:
-            result = fn(*args, **kwargs)
-        except Exception as e:  # noqa: BLE001 - every rank must hear of it, or they hang
-            log.debug("rank 0 failed", exc_info=True)
-            error = str(e).strip("'\"") or type(e).__name__
-    result, error = _all_gather((result, error))[0]
-    if error:
-        raise ExportError(error)
-    return result
-
-
-# --------------------------------------------------------------------------- reading
-
-def saved_config(manifest: dict, where: Path) -> Config:
-    """The resolved config a checkpoint was saved with."""
-    try:
-        cfg = from_dict(Config, manifest["config"])
-    except (ConfigError, KeyError, TypeError) as e:
-        raise ExportError(f"{where / 'manifest.json'}: config: {str(e).strip(chr(39))}") from None
-    validate(cfg, where)
-    return cfg
-
-
-def validate(cfg: Config, where: Path) -> None:
-    """Config.validate, except that files of the training run (checkpoint.load /
-    upcycle_from, router aux-loss inputs) need not exist here."""
-    check = copy.deepcopy(cfg)
-    check.checkpoint.load = check.checkpoint.upcycle_from = ""
-    for tower in (check.model.vision, check.model.text):
-        tower.moe.aux = type(tower.moe.aux)()
-    try:
-        check.validate()
-    except ConfigError as e:
-        raise ExportError(f"{where / 'manifest.json'}: config: {e}") from None
-
-
-def tensor_shapes(directory: Path) -> dict[str, tuple]:
-    """Global shape of every ShardedTensor in a torch_dist directory."""
-    from megatron.core import dist_checkpointing
-    return {k: tuple(t.global_shape)
-            for k, t in dist_checkpointing.load_tensors_metadata(str(directory)).items()}
-
-
-def check_sharded_keys(model: torch.nn.Module, directory: Path, metadata: dict) -> None:
-    """Collective: the model's sharded tensors (all ranks together) against those saved in
-    ``directory``; raises ExportError listing missing / unexpected / wrongly-shaped keys."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-    mine = {t.key: tuple(t.global_shape)
-            for t in nested_values(model.sharded_state_dict(metadata=dict(metadata)))
-            if isinstance(t, ShardedTensor)}
-    wanted: dict = {}
-    for part in _all_gather(mine):
-        wanted.update(part)
-    report = mismatch_report(wanted, tensor_shapes(directory))
-    if report:
-        raise ExportError(f"{directory}: does not fit the model of its manifest's config "
-                          f"(missing = the model has, the checkpoint lacks): {report}")
-
-
-def build_clip(model_cfg: ModelConfig, full: dict | None, layout: ParallelLayout):
-    """UpCLIP at tp = pp = ep = 1 in eval mode, holding ``full`` when given (no router
-    aux losses: they are for training)."""
-    from trainer.models.clip import CLIP
-    from trainer.models.state import load_full_state_dict
-
-    model_cfg = copy.deepcopy(model_cfg)
-    for tower in (model_cfg.vision, model_cfg.text):
-        tower.moe.aux = type(tower.moe.aux)()
-    model = CLIP(model_cfg, ParallelConfig())
-    if full is not None:
-        load_full_state_dict(model, full, layout)
-    return model.eval()
-
-
-def read_checkpoint(path: str | Path, layout: ParallelLayout) -> Source:
-    """Collective (``layout``: tp = pp = ep = 1, any world size). Verifies the checkpoint's
-    checksums and keys, then gathers every weight."""
-    from trainer import checkpoint
-    from trainer.models.state import full_state_dict
-
-    ckpt = checkpoint.resolve(path)
-    manifest = checkpoint.read_manifest(ckpt)
-    cfg = saved_config(manifest, ckpt)
-    model = build_clip(cfg.model, None, layout)
-    check_sharded_keys(model, ckpt / "model",
-                       manifest.get("sharded_metadata", checkpoint.SHARDED_METADATA))
-    checkpoint.load_model(ckpt, model, layout)  # checksums first
-    full = {k: v.clone() for k, v in full_state_dict(model, layout).items()}
-    return Source(ckpt, manifest, cfg, full, model.eval())
 
 
 def is_moe(model_cfg: ModelConfig) -> bool:
@@ -179,22 +65,18 @@ def merge_experts(src: Source, layout: ParallelLayout) -> Source:
     """Each MoE MLP -> a dense MLP with the experts' mean weights and biases (lossy, see the
     module docstring); routers are dropped."""
     out = dict(src.full)
-    for prefix, name in TOWERS:
-        tower = getattr(src.cfg.model, name)
-        for i in tower.moe.moe_layers(tower.layers):
-            mlp = f"{prefix}.transformer.layers.{i}.mlp."
-            out.pop(mlp + "deepspeed_moe.gate.wg.weight")
-            mean = {n: out.pop(f"{mlp}deepspeed_moe.experts.{n}").double().mean(0)
-                    .to(src.full[f"{mlp}deepspeed_moe.experts.{n}"].dtype)
-                    for n in EXPERT_TENSORS}
-            out[mlp + "linear_fc1.weight"] = mean["w1"].t().contiguous()  # [f, d]
-            out[mlp + "linear_fc1.bias"] = mean["b1"]
-            out[mlp + "linear_fc2.weight"] = mean["w2"].t().contiguous()  # [d, f]
-            out[mlp + "linear_fc2.bias"] = mean["b2"]
+    for mlp in names.moe_mlp_prefixes(src.cfg.model):
+        out.pop(names.router_key(mlp))
+        mean = {n: out.pop(names.expert_key(mlp, n)).double().mean(0)
+                .to(src.full[names.expert_key(mlp, n)].dtype) for n in names.EXPERT_TENSORS}
+        out[mlp + names.FC1_WEIGHT] = mean["w1"].t().contiguous()  # [f, d]
+        out[mlp + names.FC1_BIAS] = mean["b1"]
+        out[mlp + names.FC2_WEIGHT] = mean["w2"].t().contiguous()  # [d, f]
+        out[mlp + names.FC2_BIAS] = mean["b2"]
     cfg = copy.deepcopy(src.cfg)
     cfg.model = dense_config(src.cfg.model)
-    return Source(src.path, src.manifest, cfg, out, build_clip(cfg.model, out, layout),
-                  merged_from=src.model)
+    return Source(src.path, src.manifest, cfg, out,
+                  build_model(cfg.model, layout, inference=True, full=out), merged_from=src.model)
 
 
 # --------------------------------------------------------------------------- files
@@ -447,40 +329,3 @@ def write_export(src: Source, target: str, out: Path, force: bool = False,
         diff = check_export(src, target, d.path, tol)
         log.info("checked: %s embeddings of the export equal UpCLIP's to %.2g", target, diff)
     return d.commit(), notes
-
-
-# --------------------------------------------------------------------------- resharding
-
-def reshard(path: str | Path, out_root: Path, layout: ParallelLayout, cfg: Config) -> Path:
-    """Collective, at the target ``layout`` (``cfg.parallel`` matching it): the checkpoint's
-    weights, AdamW moments and step counts and train_state, saved again as ``layout``
-    shards with ``cfg`` in the manifest. Per-rank state (RNG, data position) is kept only
-    when the world layout is unchanged; otherwise training resumes without it (as it does
-    when restarted at another layout)."""
-    from trainer import checkpoint, step as S
-
-    ckpt = checkpoint.resolve(path)
-    manifest = checkpoint.read_manifest(ckpt)
-    metadata = manifest.get("sharded_metadata", checkpoint.SHARDED_METADATA)
-    model = S.build_model(cfg, layout)
-    check_sharded_keys(model, ckpt / "model", metadata)
-    optimizer = None
-    if manifest.get("optimizer") and (ckpt / "optimizer").is_dir():
-        optimizer = S.build_optimizer(model, cfg)
-    _, rank_state = checkpoint.load_checkpoint(ckpt, model, layout, optimizer=optimizer)
-    extra = dict(manifest.get("extra") or {}, resharded_from=str(ckpt),
-                 resharded_from_layout=manifest["layout"])
-    out = checkpoint.save_checkpoint(out_root, manifest["step"], model, dataclasses.asdict(cfg),
-                                     layout, extra=extra, optimizer=optimizer,
-                                     train_state=manifest.get("train_state"),
-                                     rank_state=rank_state)
-
-    def check_output() -> None:
-        checkpoint.verify(out)
-        for sub in ("model", "optimizer") if optimizer is not None else ("model",):
-            report = mismatch_report(tensor_shapes(ckpt / sub), tensor_shapes(out / sub))
-            if report:
-                raise ExportError(f"{out / sub}: tensors differ from {ckpt / sub}: {report}")
-
-    on_rank0(check_output)
-    return out

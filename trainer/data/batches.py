@@ -1,0 +1,86 @@
+"""The microbatches of each training step: from the shard loader (epochs roll over) or
+synthetic (``data.train_urls`` empty: tests, benchmarks), and moved to the device."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from trainer.config import Config
+from trainer.data.normalize import normalize_on_device
+from trainer.data.pipeline import build_train_loader
+from trainer.distributed.layout import ParallelLayout
+
+log = logging.getLogger("upclip")
+
+
+def synthetic_microbatches(cfg: Config, layout: ParallelLayout, step: int) -> list[dict]:
+    """Random images and captions, fixed per (step mod 4, microbatch, dp rank) so a tiny model
+    can fit them; identical on every TP/PP rank of a data-parallel replica. Used when
+    ``data.train_urls`` is empty (tests, benchmarks)."""
+    m, t = cfg.model, cfg.train
+    out = []
+    for mb in range(t.num_microbatches):
+        g = torch.Generator().manual_seed(
+            hash((t.seed, step % 4, mb, layout.dp_rank)) % (2 ** 31))
+        b = t.micro_batch_size
+        images = torch.randn(b, 3, m.vision.image_size, m.vision.image_size, generator=g)
+        text = torch.randint(1, m.text.eot_id, (b, m.text.context_length), generator=g)
+        ends = torch.randint(1, m.text.context_length, (b,), generator=g)
+        text[torch.arange(b), ends] = m.text.eot_id
+        text = torch.where(torch.arange(m.text.context_length) > ends[:, None], 0, text)
+        out.append({"images": images, "text": text, "size": b})
+    return out
+
+
+class Batches:
+    """Microbatches for each step: from the shard loader (epochs roll over), or synthetic."""
+
+    def __init__(self, cfg: Config, layout: ParallelLayout, tokenizer):
+        self.cfg, self.layout = cfg, layout
+        self.loader = self._it = None
+        if cfg.data.train_urls:
+            self.loader = build_train_loader(cfg.data, rank=layout.dp_rank, world=layout.dp,
+                                             tokenizer=tokenizer)
+
+    def next(self, step: int) -> list[dict]:
+        if self.loader is None:
+            return synthetic_microbatches(self.cfg, self.layout, step)
+        return [self._one() for _ in range(self.cfg.train.num_microbatches)]
+
+    def _one(self) -> dict:
+        for _ in range(2):
+            if self._it is None:
+                self._it = iter(self.loader)
+            batch = next(self._it, None)
+            if batch is not None:
+                return batch
+            self._it = None  # the epoch ended: the next iter() starts the next one
+        raise RuntimeError(f"data rank {self.layout.dp_rank}: an epoch of data.train_urls="
+                           f"{self.cfg.data.train_urls!r} gave no batch")
+
+    def state_dict(self) -> dict | None:
+        return None if self.loader is None else self.loader.state_dict()
+
+    def load_state_dict(self, state: dict | None, epoch_hint: int) -> None:
+        if self.loader is None:
+            return
+        if state is None:  # resumed at another layout: the data position is per rank
+            log.warning("data: the checkpoint was saved at another layout; its data position "
+                        "cannot be restored exactly, starting epoch %d", epoch_hint + 1)
+            self.loader.set_epoch(epoch_hint + 1)
+        else:
+            self.loader.load_state_dict(state)
+
+    def skipped(self) -> int:
+        return 0 if self.loader is None else self.loader.counters.skipped()
+
+
+def to_device(batch: dict, device, cfg: Config) -> dict:
+    """The batch on ``device``; uint8 images (``data.normalize=device``) CLIP-normalised there."""
+    out = {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v
+           for k, v in batch.items()}
+    if "images" in out:
+        a = cfg.data.augment
+        out["images"] = normalize_on_device(out["images"], a.mean, a.std)
+    return out

@@ -1,0 +1,77 @@
+"""Small collectives over the default process group, no-ops in a plain single process.
+
+Used by checkpointing, export and the tools: whole Python objects, not tensors (the training
+step's tensor collectives live in trainer/distributed/grads.py and the loss gather).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("upclip")
+
+
+def default_device() -> torch.device:
+    """CUDA when there is a GPU, else CPU: the one place that decides."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj``, in rank order."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def raise_if_any(errors: list, error_type: type[Exception] = RuntimeError) -> None:
+    """``errors``: one entry per rank (falsy: no problem). Every rank raises the same error
+    when one rank found a problem, so none hangs in a later collective."""
+    bad = [(r, e) for r, e in enumerate(errors) if e]
+    if bad:
+        where, msg = bad[0]
+        more = f" (and {len(bad) - 1} more ranks)" if len(bad) > 1 else ""
+        raise error_type(f"rank {where}: {msg}{more}")
+
+
+def on_rank0(fn, *args, error_type: type[Exception] = RuntimeError, **kwargs):
+    """Collective: ``fn`` runs on rank 0; its result, or its error (re-raised as
+    ``error_type`` with the same message), reaches every rank."""
+    if world() == 1:
+        return fn(*args, **kwargs)
+    result = error = None
+    if rank() == 0:
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - every rank must hear of it, or they hang
+            log.debug("rank 0 failed", exc_info=True)
+            error = str(e).strip("'\"") or type(e).__name__
+    result, error = all_gather_object((result, error))[0]
+    if error:
+        raise error_type(error)
+    return result

@@ -1,0 +1,44 @@
+"""File helpers every writer shares: content hashes, durable and atomic writes.
+
+A durable write is flushed to disk before it returns; an atomic one replaces its target in a
+single rename, so a reader sees the old file or the new one, never half of either.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+
+def sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fsync(path: str | Path) -> None:
+    """Flush a file (or a directory's entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durable(path: str | Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """``text`` into ``path`` through ``path.tmp`` and a rename; the directory entry is synced."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    write_durable(tmp, text)
+    os.replace(tmp, path)
+    fsync(path.parent)

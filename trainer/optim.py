@@ -1,0 +1,71 @@
+"""AdamW over UpCLIP's parameter groups, and the learning-rate schedule.
+
+    opt = build_optimizer(model, cfg.train)
+    set_lr(opt, lr_at(step, cfg.train)); opt.step()
+
+Up to six param groups: (dense | expert | router) x (decay | no decay). A parameter's kind is
+the tag its module gave it (trainer/moe/names.py ``mark``); each group carries ``lr_mult``
+(``train.lr_mult_experts``, ``train.lr_mult_routers``), which ``set_lr`` applies.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from trainer.config import TrainConfig
+from trainer.distributed.grads import unwrap
+from trainer.moe.names import kind_of
+
+
+def no_weight_decay(name: str, p: torch.nn.Parameter) -> bool:
+    """As open_clip: gains, biases (the experts' stacked ``b1``/``b2`` too), rank-1 embeddings
+    (the class embedding) and the logit scale/bias."""
+    return p.ndim < 2 or "logit_" in name or name.endswith(("bias", "experts.b1", "experts.b2"))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (fused on CUDA) over the trainable parameters of this pipeline stage."""
+    from trainer.models.state import canonical_names
+
+    mult = {"dense": 1.0, "expert": cfg.lr_mult_experts, "router": cfg.lr_mult_routers}
+    groups: dict[tuple[str, bool], list] = {}
+    for name, p in unwrap(model).named_parameters():
+        if p.requires_grad:
+            groups.setdefault((kind_of(p), not no_weight_decay(name, p)), []).append(p)
+    if not groups:
+        example = next(iter(canonical_names(unwrap(model)).values()))
+        raise ValueError(f"train.trainable={cfg.trainable!r} selects no parameter of this model "
+                         f"(pipeline stage); canonical names look like {example!r}")
+    param_groups = [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0,
+                     "lr_mult": mult[kind], "name": f"{kind}_{'decay' if decay else 'no_decay'}"}
+                    for (kind, decay), ps in sorted(groups.items())]
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             fused=torch.cuda.is_available())
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """The learning rate of optimizer step ``step`` (1-based): linear warmup from 0 over
+    ``warmup_steps``, then cosine decay from ``lr`` to ``lr * min_lr_ratio`` at ``steps`` (or
+    constant)."""
+    if cfg.warmup_steps and step <= cfg.warmup_steps:
+        return cfg.lr * step / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_mult", 1.0)
+
+
+def clamp_logit_scale(model: torch.nn.Module, max_scale: float) -> None:
+    """CLIP clamps the learned temperature: exp(logit_scale) <= max_scale."""
+    model = unwrap(model)
+    if hasattr(model, "logit_scale"):
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(max_scale))
