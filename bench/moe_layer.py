@@ -207,7 +207,7 @@ def capture_parts(moe, x: torch.Tensor) -> dict:
 def part_fns(moe, seen: dict) -> dict:
     """Zero-arg fwd+bwd closures for the router (+ aux losses) and the experts alone."""
     from trainer.moe.layer import AUX_LOSSES
-    from trainer.moe.router import aux_losses
+    from trainer.moe.routing import aux_losses
 
     (r_in, valid, cap_fn), _ = seen["router"]
     r_in = r_in.detach().clone().requires_grad_()

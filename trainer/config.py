@@ -27,6 +27,8 @@ class ConfigError(ValueError):
     """A configuration problem; its message is one line naming the key and the value."""
 
 
+# kernels.activations.ACTIVATIONS (kernels imports torch, this module must not); a unit test
+# keeps the two equal.
 ACTIVATIONS = ("gelu", "quick_gelu")
 
 

@@ -8,8 +8,10 @@
         text = model.encode_text(tokenizer(["a photo of a cat"]))
         out = model(images, tokens)               # normalised features + logit_scale, as CLIP
 
-No megatron-core, no DeepSpeed, no process group: torch, safetensors and this repo's config
-dataclasses only. ``tools/convert_checkpoint.py export --to moe`` writes the directory:
+No megatron-core, no DeepSpeed, no process group: torch, safetensors, this repo's config
+dataclasses, its routing rules (trainer/moe/routing.py) and ``kernels`` (the experts run
+through ``kernels.expert_mlp``: the CUDA extension when built, else the PyTorch reference).
+``tools/convert_checkpoint.py export --to moe`` writes the directory:
 
     config.json        {"format": "upclip", "format_version": 1, "model": <ModelConfig>,
                         "tokenizer": <TokenizerConfig>, "preprocess": {...}, "source": {...}}
@@ -24,7 +26,7 @@ dataclasses only. ``tools/convert_checkpoint.py export --to moe`` writes the dir
                        plus ``logit_bias`` (SigLIP) and ``prompter.*`` (CLOC) when trained with them
     SHA256SUMS         ``sha256sum -c`` format, every other file; ``load`` checks it
 
-Routing is the trainer's at evaluation (trainer/moe/router.py, tensor parallel size 1): top-k
+Routing is the trainer's at evaluation (trainer/moe/routing.py, tensor parallel size 1): top-k
 of the router's softmax; capacity ``ceil(units / E * eval_capacity_factor * k)`` (at least
 ``min_capacity``) with slots first-come first-served, every unit's first choice before any
 second choice, units in the trainer's sequence-major order; top-2 weights renormalised over
@@ -35,15 +37,17 @@ turns drops off everywhere (then an embedding no longer depends on the rest of t
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
+from kernels.activations import activation_fn
 from trainer.config import ModelConfig, from_dict
 from trainer.io import sha256
+from trainer.moe.routing import Routing, capacity_for, choose, group_routes, route, router_logits
 
 FORMAT = "upclip"
 FORMAT_VERSION = 1
@@ -56,48 +60,30 @@ class HubError(ValueError):
     """A bad export directory; the message names the file and what is wrong."""
 
 
-def quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(1.702 * x)
-
-
-ACTIVATIONS = {"gelu": F.gelu, "quick_gelu": quick_gelu}
-
-
-# --------------------------------------------------------------------------- routing
-
-def route(x: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor, moe, dropless: bool
-          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Router input ``x [U, d]``, ``valid [U]`` -> (experts ``[U, k]`` with -1 for none,
-    combine weights ``[U, k]``)."""
-    probs = F.softmax(F.linear(x.float(), weight.float()), dim=-1)       # [U, E]
-    chosen = torch.topk(probs, moe.top_k, dim=-1).indices                # [U, k]
-    u, k = chosen.shape
-    e = probs.shape[1]
-    experts = torch.where(valid[:, None], chosen, -1)
-    if not (dropless or moe.dispatch == "dropless" or not moe.drop_tokens):
-        capacity = max(math.ceil(u / e * moe.eval_capacity_factor * k), moe.min_capacity)
-        order = experts.t().reshape(-1)                                  # all 1st, then 2nd
-        onehot = F.one_hot(order.clamp_min(0), e) * (order >= 0)[:, None]
-        slots = (onehot.cumsum(0) - 1).gather(1, order.clamp_min(0)[:, None]).view(k, u).t()
-        experts = torch.where(slots < capacity, experts, -1)
-    kept = (experts >= 0).to(probs.dtype)
-    if k == 1:
-        return experts, kept
-    p = probs.gather(1, chosen) * kept
-    return experts, p / p.sum(dim=1, keepdim=True).clamp_min(torch.finfo(p.dtype).eps)
-
+# --------------------------------------------------------------------------- MoE
 
 class Experts(nn.Module):
+    """Stacked expert FFNs (kernels' layout), run by ``kernels.expert_mlp`` grouped by expert:
+    its CUDA extension when built and the call fits, else the PyTorch reference."""
+
     def __init__(self, num: int, d: int, f: int, act: str):
         super().__init__()
-        self.act = ACTIVATIONS[act]
+        self.activation = act
         self.w1 = nn.Parameter(torch.zeros(num, d, f))
         self.b1 = nn.Parameter(torch.zeros(num, f))
         self.w2 = nn.Parameter(torch.zeros(num, f, d))
         self.b2 = nn.Parameter(torch.zeros(num, d))
 
-    def forward(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        return self.act(x @ self.w1[e] + self.b1[e]) @ self.w2[e] + self.b2[e]
+    def forward(self, units: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """``units [U, n, d]`` (n tokens follow one decision) -> ``[U, n, d]``: the weighted
+        sum of each unit's kept routes; 0 for a unit with none."""
+        u, n, d = units.shape
+        routes, rows, counts = group_routes(routing.experts, self.w1.shape[0])
+        xs = units.index_select(0, rows).reshape(-1, d)                  # [R*n, d] by expert
+        ys = kernels.expert_mlp(xs, self.w1, self.b1, self.w2, self.b2, counts * n,
+                                activation=self.activation).view(-1, n, d)
+        w = routing.weights.reshape(-1).index_select(0, routes).to(ys.dtype)
+        return torch.zeros_like(units).index_add(0, rows, ys * w[:, None, None])
 
 
 class MoEMLP(nn.Module):
@@ -108,6 +94,16 @@ class MoEMLP(nn.Module):
         self.moe, self.dropless = moe, False
         self.router = nn.Linear(d, moe.num_experts, bias=False)
         self.experts = Experts(moe.num_experts, d, f, act)
+
+    def route(self, x: torch.Tensor, valid: torch.Tensor) -> Routing:
+        """Router input ``x [U, d]``, ``valid [U]`` -> the trainer's evaluation routing."""
+        moe = self.moe
+        chosen, probs = choose(router_logits(x, self.router.weight), moe.top_k)
+        capacity = None
+        if not (self.dropless or moe.dispatch == "dropless" or not moe.drop_tokens):
+            capacity = capacity_for(x.shape[0], moe.num_experts, moe.eval_capacity_factor,
+                                    moe.top_k, moe.min_capacity)
+        return route(probs, chosen, valid, capacity)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         b, s, d = x.shape
@@ -120,14 +116,7 @@ class MoEMLP(nn.Module):
             router_in = units[:, 0]
             unit_valid = (valid.t().reshape(-1) if valid is not None else
                           torch.ones(s * b, dtype=torch.bool, device=x.device))
-        experts, weights = route(router_in, self.router.weight, unit_valid, self.moe,
-                                 self.dropless)
-        out = torch.zeros_like(units)
-        for e in range(self.moe.num_experts):
-            rows, slot = torch.nonzero(experts == e, as_tuple=True)
-            if rows.numel():
-                w = weights[rows, slot].to(x.dtype)[:, None, None]
-                out.index_add_(0, rows, self.experts(units[rows], e) * w)
+        out = self.experts(units, self.route(router_in, unit_valid))
         return out if self.moe.routing == "image" else out.view(s, b, d).transpose(0, 1)
 
 
@@ -136,7 +125,7 @@ class MoEMLP(nn.Module):
 class MLP(nn.Module):
     def __init__(self, d: int, f: int, act: str):
         super().__init__()
-        self.c_fc, self.c_proj, self.act = nn.Linear(d, f), nn.Linear(f, d), ACTIVATIONS[act]
+        self.c_fc, self.c_proj, self.act = nn.Linear(d, f), nn.Linear(f, d), activation_fn(act)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         return self.c_proj(self.act(self.c_fc(x)))

@@ -82,3 +82,12 @@ def test_float_without_dot():
     assert cfg.train.lr == 1e-4 and cfg.train.eps == 2e-8
     with pytest.raises(ConfigError, match="train.lr='fast': expected float"):
         load_config(None, ["train.lr=fast"])
+
+
+def test_activation_names_are_the_kernels_table():
+    """config keeps its own names tuple (kernels imports torch; config must not): the same
+    names as kernels' activation table."""
+    from kernels.activations import ACTIVATIONS as KERNEL_ACTIVATIONS
+    from trainer.config import ACTIVATIONS
+
+    assert ACTIVATIONS == KERNEL_ACTIVATIONS

@@ -106,7 +106,7 @@ def _entropy(p):
 @pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("threshold", [1.5, math.log(3), 0.01])
 def test_aux_losses_hand_case(k, threshold):
-    from trainer.moe.router import aux_losses
+    from trainer.moe.routing import aux_losses
 
     logits = torch.tensor(LOGITS, dtype=torch.float64)
     chosen = torch.tensor(CHOSEN2)[:, :k]
@@ -155,7 +155,7 @@ def ref_assign(chosen, valid, num_experts, capacity):
 
 
 def test_assign_top1_tight_capacity():
-    from trainer.moe.router import assign
+    from trainer.moe.routing import assign
 
     chosen = torch.tensor([[0], [0], [0], [1], [2], [2], [2], [2]])
     experts, slots = assign(chosen, torch.ones(8, dtype=torch.bool), 3, 2)
@@ -173,7 +173,7 @@ def test_assign_top1_tight_capacity():
 
 
 def test_assign_top2_first_choices_first():
-    from trainer.moe.router import assign
+    from trainer.moe.routing import assign
 
     # 6 units / 3 experts / C = 2. First choices fill e0 (u0, u1; u3 dropped), e1 (u2, u5),
     # e2 (u4); of the second choices only u1 -> e2 finds a slot. (Unit-order interleaving
@@ -211,7 +211,7 @@ def test_assign_top2_first_choices_first():
 # --------------------------------------------------------------------------- router: weigh
 
 def test_weigh_top2_renormalised():
-    from trainer.moe.router import weigh
+    from trainer.moe.routing import weigh
 
     g = torch.Generator().manual_seed(2)
     probs = torch.softmax(torch.randn(5, 4, generator=g), -1)
@@ -231,7 +231,7 @@ def test_weigh_top2_renormalised():
 
 
 def test_weigh_top1_straight_through():
-    from trainer.moe.router import weigh
+    from trainer.moe.routing import weigh
 
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
@@ -253,6 +253,70 @@ def test_weigh_top1_straight_through():
             want[u, x] = c[u, 0] * ((1.0 if x == chosen[u, 0] else 0.0) - p[u, x])
     assert logits.grad[:4].abs().sum() > 0
     assert max_diff(logits.grad, want) <= 1e-12
+
+
+# --------------------------------------------------------------------------- router: route
+
+def test_route_and_forced_hand_case():
+    """capacity_for, route (assign + weigh), forced and group_routes on 4 units / 3 experts,
+    unit 2 padding, all worked out by hand."""
+    from trainer.moe.routing import capacity_for, forced, group_routes, route
+
+    assert capacity_for(4, 3, 0.25, 2, 1) == 1       # ceil(4 / 3 * 0.25 * 2) = ceil(0.67)
+    assert capacity_for(4, 3, 0.5, 2, 1) == 2        # ceil(1.33)
+    assert capacity_for(4, 3, 0.25, 2, 4) == 4       # min_capacity
+    probs = torch.tensor([[0.6, 0.3, 0.1], [0.5, 0.1, 0.4], [0.2, 0.7, 0.1], [0.1, 0.2, 0.7]],
+                         dtype=torch.float64)
+    chosen = torch.tensor([[0, 1], [0, 2], [1, 0], [2, 1]])
+    valid = torch.tensor([True, True, False, True])
+
+    # C = 1: 1st choices u0 -> e0 kept, u1 -> e0 dropped, u3 -> e2 kept; 2nd choices
+    # u0 -> e1 kept, u1 -> e2 and u3 -> e1 dropped
+    r = route(probs, chosen, valid, 1)
+    assert r.experts.tolist() == [[0, 1], [-1, -1], [-1, -1], [2, -1]]
+    assert r.slots.tolist() == [[0, 0]] * 4
+    assert max_diff(r.weights, torch.tensor([[2 / 3, 1 / 3], [0, 0], [0, 0], [1, 0]],
+                                              dtype=torch.float64)) <= 1e-15
+    assert r.capacity == 1 and int(r.wanted) == 6
+
+    r = route(probs, chosen, valid, None)             # dropless
+    assert r.experts.tolist() == [[0, 1], [0, 2], [-1, -1], [2, 1]]
+    assert r.slots.tolist() == [[0, 0], [1, 1], [0, 0], [0, 1]]
+    want = torch.tensor([[2 / 3, 1 / 3], [5 / 9, 4 / 9], [0, 0], [7 / 9, 2 / 9]],
+                        dtype=torch.float64)
+    assert max_diff(r.weights, want) <= 1e-15
+    assert r.capacity is None and int(r.wanted) == 6
+    routes, units, counts = group_routes(r.experts, 3)
+    assert routes.tolist() == [0, 2, 1, 7, 3, 6]      # flat [U*k] indices, by expert
+    assert units.tolist() == [0, 1, 0, 3, 1, 3] and counts.tolist() == [2, 2, 2]
+
+    r = route(probs, chosen[:, :1], valid, 1)         # top-1: weight exactly 1
+    assert r.experts.tolist() == [[0], [-1], [-1], [2]]
+    assert r.weights.tolist() == [[1.0], [0.0], [0.0], [1.0]] and int(r.wanted) == 3
+
+    r = forced(valid, 1, 2, 3)
+    assert r.experts.tolist() == [[1, -1], [1, -1], [-1, -1], [1, -1]]
+    assert r.slots.tolist() == [[0, 0], [1, 0], [0, 0], [2, 0]]
+    assert r.weights.tolist() == [[1, 0], [1, 0], [0, 0], [1, 0]]
+    assert r.capacity is None and int(r.wanted) == 3
+
+
+def test_noise_draws_are_deepspeeds():
+    """routing.py's Gumbel and jitter noise: DeepSpeed's draws for the same RNG state."""
+    from deepspeed.moe import sharded_moe as ds
+
+    from trainer.moe.routing import gumbel_rsample, multiplicative_jitter
+
+    x = torch.randn(64, 8)
+    for mine, theirs in ((lambda: gumbel_rsample((64, 8), x.device),
+                          lambda: ds.gumbel_rsample((64, 8), x.device)),
+                         (lambda: multiplicative_jitter(x),
+                          lambda: ds.multiplicative_jitter(x, x.device))):
+        torch.manual_seed(5)
+        a = mine()
+        torch.manual_seed(5)
+        assert torch.equal(a, theirs())
+    assert multiplicative_jitter(x, 0.0) is x
 
 
 # --------------------------------------------------------------------------- the layer in CLIP

@@ -43,7 +43,7 @@ def _cfg(*overrides):
 
 
 def test_superclass_loss_equals_direct_cross_entropy():
-    from trainer.moe.router import superclass_loss
+    from trainer.moe.routing import superclass_loss
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(6, 4, generator=g, dtype=torch.float64) * 2

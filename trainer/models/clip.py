@@ -26,8 +26,9 @@ from megatron.core.transformer.transformer_block import (TransformerBlock,
                                                          TransformerBlockSubmodules)
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from kernels.activations import activation_fn
 from trainer.config import ModelConfig, ParallelConfig, TextConfig, VisionConfig
-from trainer.models.layer_spec import ACTIVATIONS, tower_layer_specs
+from trainer.models.layer_spec import tower_layer_specs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -48,7 +49,7 @@ def tower_transformer_config(tower: VisionConfig | TextConfig, model: ModelConfi
     return TransformerConfig(
         num_layers=tower.layers, hidden_size=tower.width, num_attention_heads=tower.heads,
         ffn_hidden_size=int(tower.width * tower.mlp_ratio),
-        activation_func=ACTIVATIONS[tower.act], layernorm_epsilon=tower.ln_eps,
+        activation_func=activation_fn(tower.act), layernorm_epsilon=tower.ln_eps,
         normalization="LayerNorm", add_bias_linear=True, add_qkv_bias=True,
         gated_linear_unit=False, hidden_dropout=0.0, attention_dropout=0.0,
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,

@@ -7,8 +7,6 @@ The vision tower attends bidirectionally, the text tower causally. The MoE issue
 """
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -24,14 +22,6 @@ try:  # apex's fused LayerNorm when it is importable; torch's otherwise (same pa
     import apex  # noqa: F401
 except ImportError:
     from megatron.core.transformer.torch_norm import WrappedTorchNorm as LayerNormImpl
-
-
-def quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    """OpenAI CLIP's activation: x * sigmoid(1.702 x)."""
-    return x * torch.sigmoid(1.702 * x)
-
-
-ACTIVATIONS = {"gelu": F.gelu, "quick_gelu": quick_gelu}
 
 
 def dense_mlp_spec() -> ModuleSpec:

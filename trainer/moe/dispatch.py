@@ -16,14 +16,7 @@ import torch.distributed as dist
 from deepspeed.moe.sharded_moe import (MOELayer, _AllToAll, _route_slots, _sparse_decode,
                                        _sparse_encode)
 
-from trainer.moe.router import Routing
-
-
-def expert_counts(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Kept routes per expert: experts [U, k] with -1 for none -> [E] long."""
-    flat = experts.reshape(-1) + 1                                  # 0: no expert
-    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device)
-    return counts.scatter_add_(0, flat, torch.ones_like(flat))[1:]  # no host sync
+from trainer.moe.routing import Routing, expert_counts, group_routes
 
 
 def busiest_expert(chosen: torch.Tensor, valid: torch.Tensor, num_experts: int, group,
@@ -89,12 +82,7 @@ def dropless_dispatch(x: torch.Tensor, routing: Routing, experts: torch.nn.Modul
     sizes, as any all_to_all_v needs)."""
     t, m = x.shape
     num_local = experts.num_local
-    k = routing.experts.shape[1]
-    flat = routing.experts.reshape(-1)                              # [T*k]
-    routes = torch.nonzero(flat >= 0).squeeze(1)
-    routes = routes[torch.argsort(flat[routes], stable=True)]       # sorted by expert
-    tokens = routes // k
-    counts = expert_counts(routing.experts, ep * num_local)         # [E]
+    routes, tokens, counts = group_routes(routing.experts, ep * num_local)  # by expert
     xs = x.index_select(0, tokens)                                  # [R, M]
     if ep == 1:
         ys = experts(xs, counts)

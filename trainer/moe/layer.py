@@ -35,10 +35,11 @@ from megatron.core.utils import make_sharded_tensor_for_checkpoint
 from trainer.moe import names
 from trainer.moe.config import MoEConfig
 from trainer.moe.dispatch import (CapacityDispatch, busiest_expert, dropless_dispatch,
-                                  expert_counts, gather_from_tp, scatter_to_tp)
+                                  gather_from_tp, scatter_to_tp)
 from trainer.moe.experts import GroupedExperts
 from trainer.moe.groups import use_megatron_groups
-from trainer.moe.router import Router, aux_losses, superclass_loss
+from trainer.moe.router import Router
+from trainer.moe.routing import Routing, aux_losses, expert_counts, superclass_loss
 
 AUX_LOSSES = ("load_balance", "z_loss", "entropy_local", "entropy_global", "superclass")
 
@@ -199,8 +200,6 @@ def _expand(routing, per_unit: int):
     consecutive capacity slots (capacity counts images, the buffers count tokens)."""
     if per_unit == 1:
         return routing
-    from trainer.moe.router import Routing
-
     k = routing.experts.shape[1]
     offs = torch.arange(per_unit, device=routing.slots.device).view(1, per_unit, 1)
     rep = lambda t: t.unsqueeze(1).expand(-1, per_unit, k).reshape(-1, k)  # noqa: E731
