@@ -55,8 +55,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def fail(msg: str) -> None:
-    import torch.distributed as dist
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    from trainer.distributed.collectives import rank
+    if rank() == 0:
         print(f"convert_checkpoint: error: {msg}", file=sys.stderr)
     raise SystemExit(2)
 
