@@ -14,7 +14,6 @@ the last stage computes the loss.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import Iterator
 
@@ -24,14 +23,6 @@ import torch.distributed as dist
 from trainer.config import Config, TrainConfig
 from trainer.distributed.grads import unwrap
 from trainer.losses import clip_loss, region_text_loss, siglip_loss
-
-
-def autocast(cfg: TrainConfig):
-    """bf16 autocast on CUDA (``precision=auto|bf16``), or on CPU when asked for; fp32 else."""
-    cuda = torch.cuda.is_available()
-    if cfg.precision == "bf16" or (cfg.precision == "auto" and cuda):
-        return torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 # ------------------------------------------------------------------------------ forward
@@ -79,10 +70,11 @@ def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module, cfg: Tra
     batch = next(data_iterator)
     route_labels(model, batch.get("labels"))
     regions = cfg.region_loss_weight > 0 and "region_boxes" in batch
-    with autocast(cfg):
-        output = model(batch.get("images"), batch.get("text"),
-                       batch.get("region_boxes") if regions else None,
-                       batch.get("region_text") if regions else None)
+    # no autocast: the parameters' dtype (train.precision, trainer/distributed/device.py)
+    # is the compute dtype, as in megatron; the losses run in fp32
+    output = model(batch.get("images"), batch.get("text"),
+                   batch.get("region_boxes") if regions else None,
+                   batch.get("region_text") if regions else None)
     return output, functools.partial(compute_loss, batch=batch, cfg=cfg)
 
 

@@ -7,15 +7,9 @@ from __future__ import annotations
 
 import logging
 
-import torch
 import torch.distributed as dist
 
 log = logging.getLogger("upclip")
-
-
-def default_device() -> torch.device:
-    """CUDA when there is a GPU, else CPU: the one place that decides."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def rank() -> int:

@@ -220,10 +220,10 @@ def _padded(batch: dict | None, size: int, template: dict[str, torch.Tensor]) ->
 
 
 def _forward_step(data_iterator, model, text: bool, regions: bool, train_cfg):
-    from trainer.step import autocast
+    from trainer.distributed.device import eval_autocast
 
     batch = next(data_iterator)
-    with autocast(train_cfg):
+    with eval_autocast(train_cfg.precision):
         out = model(batch["images"], batch["text"] if text else None,
                     batch["region_boxes"] if regions else None,
                     batch["region_text"] if regions else None)

@@ -91,7 +91,7 @@ class VisionTower(MegatronModule):
         tokens too when ``return_tokens``); the ``[s, b, d]`` hidden states elsewhere."""
         x = None
         if self.pre_process:
-            x = self.conv1(images)                                  # [b, d, g, g]
+            x = self.conv1(images.to(self.conv1.weight.dtype))     # [b, d, g, g]
             x = x.flatten(2).transpose(1, 2)                        # [b, n, d]
             cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
             x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
