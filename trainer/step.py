@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.config import Config, TrainConfig
+from trainer.distributed.collectives import max_over_expert_group
 from trainer.distributed.grads import unwrap
 from trainer.losses import clip_loss, region_text_loss, siglip_loss
 
@@ -66,6 +67,16 @@ def route_labels(model: torch.nn.Module, labels: torch.Tensor | None) -> None:
             m.class_labels = labels
 
 
+def region_inputs(batch: dict) -> dict:
+    """The model's region arguments for a batch with regions: boxes, captions, the mask of
+    the present regions, and how many region-caption rows the text tower runs (packed: the
+    present regions only, padded to the largest count of the expert-parallel group, whose
+    all-to-alls need equal shapes). One host read of the count per microbatch."""
+    mask = batch["region_mask"]
+    return {"region_boxes": batch["region_boxes"], "region_text": batch["region_text"],
+            "region_mask": mask, "region_rows": max_over_expert_group(int(mask.sum()))}
+
+
 def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module, cfg: TrainConfig):
     batch = next(data_iterator)
     route_labels(model, batch.get("labels"))
@@ -73,8 +84,7 @@ def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module, cfg: Tra
     # no autocast: the parameters' dtype (train.precision, trainer/distributed/device.py)
     # is the compute dtype, as in megatron; the losses run in fp32
     output = model(batch.get("images"), batch.get("text"),
-                   batch.get("region_boxes") if regions else None,
-                   batch.get("region_text") if regions else None)
+                   **(region_inputs(batch) if regions else {}))
     return output, functools.partial(compute_loss, batch=batch, cfg=cfg)
 
 
