@@ -2,8 +2,8 @@
 """Training step throughput: dense CLIP vs the same CLIP upcycled to MoE, and open_clip's
 training step on the same dense model and batch.
 
-    python bench/train_step.py                 # CPU fp32 -> bench/results/train_step_cpu.json
-    python bench/train_step.py --device cuda   # bf16 autocast -> bench/results/train_step-<gpu>.json
+    python bench/train_step.py                 # CPU fp32 + bf16 -> bench/results/train_step_cpu.json
+    python bench/train_step.py --device cuda   # bf16 -> bench/results/train_step-<gpu>.json
     python bench/train_step.py [--preset bench-s] [--batch 32] [--steps 6] [--warmup 2]
 
 One process (a 1-rank gloo/NCCL world with megatron-core's groups). Each case is one full
@@ -15,6 +15,10 @@ Cases:
               (2x the dense model's FFN FLOPs in those blocks: top-2)
   moe_e4_top1 upcycled: E=4, top-1 (the dense model's active FLOPs plus routing)
   open_clip   open_clip.CLIP of the same architecture, its ClipLoss, torch AdamW, clip_grad_norm_
+Precisions (--precisions, default fp32,bf16 on CPU and bf16 on CUDA): fp32; bf16 = ours with
+train.precision=bf16 (bf16 parameters, fp32 masters) and open_clip under bf16 autocast. On CPU
+(bf16 matmuls are 10-20x slower there) the bf16 rows are dense and open_clip only; their case
+names end in ``_bf16``.
 Timed with time.perf_counter (after torch.cuda.synchronize on GPU), median over --steps timed
 steps after --warmup untimed ones; rounds interleave the cases so load drift hits all alike.
 Every figure in the JSON was measured by this run.
@@ -87,7 +91,7 @@ class OursStep:
 
 
 class OpenClipStep:
-    def __init__(self, cfg, device):
+    def __init__(self, cfg, device, bf16: bool):
         import open_clip
         from open_clip.loss import ClipLoss
 
@@ -101,8 +105,7 @@ class OpenClipStep:
         self.loss = ClipLoss()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr,
                                      fused=device.type == "cuda")
-        self.cast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                     else torch.autocast("cpu", enabled=False))
+        self.cast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
         self.params = sum(p.numel() for p in self.model.parameters())
 
     def __call__(self, mb: dict) -> float:
@@ -124,9 +127,11 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--precisions", help="comma-separated fp32,bf16 (default: per device)")
     ap.add_argument("--out")
     args = ap.parse_args()
     device = torch.device(args.device)
+    precisions = (args.precisions or ("bf16" if device.type == "cuda" else "fp32,bf16")).split(",")
 
     from trainer.config import load_config
     from trainer.distributed import ParallelLayout, init_distributed, read_launch_env
@@ -134,14 +139,24 @@ def main() -> int:
 
     init_distributed(read_launch_env({}))
     layout = ParallelLayout(1).initialize()
-    base = PRESETS[args.preset] + [f"train.micro_batch_size={args.batch}",
-                                   "train.global_contrastive=false"]
-    cfgs = {"dense": load_config(None, base)}
-    cfgs.update({k: load_config(None, base + moe_overrides(k_)) for k, k_ in MOE.items()})
-    steps = {k: OursStep(c, layout, device) for k, c in cfgs.items()}
-    steps["open_clip"] = OpenClipStep(cfgs["dense"], device)
+    cfgs, steps = {}, {}
+    for precision in precisions:
+        suffix = "" if precision == "fp32" else f"_{precision}"
+        base = PRESETS[args.preset] + [f"train.micro_batch_size={args.batch}",
+                                       "train.global_contrastive=false",
+                                       f"train.precision={precision}"]
+        cfgs["dense" + suffix] = load_config(None, base)
+        if device.type == "cuda" or precision == "fp32":
+            cfgs.update({k + suffix: load_config(None, base + moe_overrides(k_))
+                         for k, k_ in MOE.items()})
+        for k in [k for k in cfgs if k.endswith(suffix) and k not in steps]:
+            steps[k] = OursStep(cfgs[k], layout, device)
+        cfgs["open_clip" + suffix] = cfgs["dense" + suffix]
+        steps["open_clip" + suffix] = OpenClipStep(cfgs["dense" + suffix], device,
+                                                   precision == "bf16")
     from trainer.data.batches import synthetic_microbatches, to_device
-    mb = to_device(synthetic_microbatches(cfgs["dense"], layout, 0)[0], device, cfgs["dense"])
+    first = next(iter(cfgs.values()))
+    mb = to_device(synthetic_microbatches(first, layout, 0)[0], device, first)
     times: dict[str, list[float]] = {k: [] for k in steps}
     for r in range(args.warmup + args.steps):
         for name, fn in steps.items():
@@ -157,14 +172,19 @@ def main() -> int:
     cases = {}
     for name, ts in times.items():
         med = statistics.median(ts)
-        cfg = cfgs.get(name, cfgs["dense"])
-        flops = model_flops_per_sample(cfg)
+        flops = model_flops_per_sample(cfgs[name])
         cases[name] = {"step_ms_median": 1e3 * med, "step_ms_all": [1e3 * t for t in ts],
                        "samples_per_s": args.batch / med, "params": steps[name].params,
                        "model_flops_per_sample": flops,
                        "mfu": flops * args.batch / med / peak if peak else None}
     for name in cases:
-        cases[name]["vs_dense"] = cases[name]["step_ms_median"] / cases["dense"]["step_ms_median"]
+        dense = "dense" + ("_bf16" if name.endswith("_bf16") else "")
+        if dense in cases:
+            cases[name]["vs_dense"] = cases[name]["step_ms_median"] / cases[dense]["step_ms_median"]
+        peer = "open_clip" + ("_bf16" if name.endswith("_bf16") else "")
+        if peer in cases:
+            cases[name]["speed_vs_open_clip"] = (cases[peer]["step_ms_median"]
+                                                 / cases[name]["step_ms_median"])
     name = (torch.cuda.get_device_name() if device.type == "cuda"
             else (platform.processor() or "cpu"))
     cpu = cpu_model() if device.type == "cpu" else name
@@ -173,7 +193,7 @@ def main() -> int:
         "benchmark": "train_step", "device": cpu, "device_type": device.type,
         "torch_threads": torch.get_num_threads(), "preset": args.preset,
         "overrides": PRESETS[args.preset], "batch": args.batch,
-        "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+        "precisions": precisions,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "megatron_core": version("megatron-core"), "deepspeed": version("deepspeed"),
                      "open_clip": version("open-clip-torch")},
@@ -186,8 +206,10 @@ def main() -> int:
         else f"train_step-{name.replace(' ', '_')}.json")
     out.write_text(json.dumps(result, indent=1) + "\n")
     for k, c in cases.items():
-        print(f"{k:12s} {c['step_ms_median']:8.1f} ms  {c['samples_per_s']:7.1f} samples/s  "
-              f"x{c['vs_dense']:.2f} of dense  {c['params'] / 1e6:.2f}M params")
+        print(f"{k:17s} {c['step_ms_median']:8.1f} ms  {c['samples_per_s']:7.1f} samples/s  "
+              f"x{c.get('vs_dense', float('nan')):.2f} of dense  "
+              f"{c.get('speed_vs_open_clip', float('nan')):.2f}x open_clip's speed  "
+              f"{c['params'] / 1e6:.2f}M params")
     print(f"wrote {out}")
     return 0
 
