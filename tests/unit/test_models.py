@@ -175,3 +175,27 @@ def test_sdpa_core_attention_matches_megatron(dist1, groups):
         o = ours(q, k, v, mask, attn_mask_type=mask_type)
         assert o.shape == a.shape == (s, b, 4 * hn)
         assert (a - o).abs().max() <= 1e-6, (mask_type, float((a - o).abs().max()))
+
+
+def test_sdpa_attention_dropout_only_in_training(dist1):
+    """Attention dropout: applied in training only, drawn from megatron's model-parallel RNG
+    stream (the same stream state gives the same draws)."""
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from trainer.models.attention import SDPAttention
+
+    tcfg = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=2,
+                             attention_dropout=0.5, use_cpu_initialization=True)
+    attn = SDPAttention(tcfg, layer_number=1, attn_mask_type=AttnMaskType.no_mask,
+                        attention_type="self")
+    q, k, v = (torch.randn(5, 2, 2, 16) for _ in range(3))
+    plain = attn.eval()(q, k, v, None)
+    assert torch.equal(plain, SDPAttention(tcfg, 1, AttnMaskType.no_mask, "self",
+                                           attention_dropout=0.0)(q, k, v, None))
+    attn.train()
+    tracker = get_cuda_rng_tracker()
+    state = tracker.get_states()
+    a = attn(q, k, v, None)
+    tracker.set_states(state)
+    assert not torch.allclose(a, plain) and torch.equal(a, attn(q, k, v, None))
