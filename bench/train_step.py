@@ -9,8 +9,9 @@ training step on the same dense model and batch.
 One process (a 1-rank gloo/NCCL world with megatron-core's groups). Each case is one full
 optimizer step exactly as trainer/train.py runs it: ``forward_backward`` through megatron's
 schedule (CLIP loss), ``finalize_grads`` (megatron DDP), global-norm clipping, AdamW, zeroing.
-Cases:
-  dense       the dense model
+Cases (--cases picks some; dense, the baseline, always runs):
+  dense       the dense model (model.attention=sdpa, the default)
+  dense_unfused  the dense model with megatron's unfused core attention (model.attention=unfused)
   moe_e4_top2 upcycled: E=4, top-2, every other block of both towers, capacity factor 2.0
               (2x the dense model's FFN FLOPs in those blocks: top-2)
   moe_e4_top1 upcycled: E=4, top-1 (the dense model's active FLOPs plus routing)
@@ -55,6 +56,8 @@ PRESETS = {
     "vit-b-16": ["model.preset=vit-b-16"],
 }
 MOE = {"moe_e4_top2": 2, "moe_e4_top1": 1}
+DENSE_VARIANTS = {"dense_unfused": ["model.attention=unfused"]}
+CASES = ["dense", *DENSE_VARIANTS, *MOE, "open_clip"]
 
 
 def moe_overrides(top_k: int) -> list[str]:
@@ -127,9 +130,15 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--cases", default=",".join(CASES),
+                    help=f"comma-separated subset of {','.join(CASES)} (default: all)")
     ap.add_argument("--precisions", help="comma-separated fp32,bf16 (default: per device)")
     ap.add_argument("--out")
     args = ap.parse_args()
+    wanted = {"dense", *args.cases.split(",")}
+    if wanted - set(CASES):
+        ap.error(f"--cases: unknown {','.join(sorted(wanted - set(CASES)))}; "
+                 f"expected some of {','.join(CASES)}")
     device = torch.device(args.device)
     precisions = (args.precisions or ("bf16" if device.type == "cuda" else "fp32,bf16")).split(",")
 
@@ -145,15 +154,18 @@ def main() -> int:
         base = PRESETS[args.preset] + [f"train.micro_batch_size={args.batch}",
                                        "train.global_contrastive=false",
                                        f"train.precision={precision}"]
-        cfgs["dense" + suffix] = load_config(None, base)
-        if device.type == "cuda" or precision == "fp32":
-            cfgs.update({k + suffix: load_config(None, base + moe_overrides(k_))
-                         for k, k_ in MOE.items()})
-        for k in [k for k in cfgs if k.endswith(suffix) and k not in steps]:
-            steps[k] = OursStep(cfgs[k], layout, device)
-        cfgs["open_clip" + suffix] = cfgs["dense" + suffix]
-        steps["open_clip" + suffix] = OpenClipStep(cfgs["dense" + suffix], device,
-                                                   precision == "bf16")
+        mine = {"dense": load_config(None, base)}
+        if device.type == "cuda" or precision == "fp32":  # CPU bf16: dense and open_clip only
+            mine.update({k: load_config(None, base + o) for k, o in DENSE_VARIANTS.items()
+                         if k in wanted})
+            mine.update({k: load_config(None, base + moe_overrides(k_))
+                         for k, k_ in MOE.items() if k in wanted})
+        for k, c in mine.items():
+            cfgs[k + suffix], steps[k + suffix] = c, OursStep(c, layout, device)
+        if "open_clip" in wanted:
+            cfgs["open_clip" + suffix] = mine["dense"]
+            steps["open_clip" + suffix] = OpenClipStep(mine["dense"], device,
+                                                       precision == "bf16")
     from trainer.data.batches import synthetic_microbatches, to_device
     first = next(iter(cfgs.values()))
     mb = to_device(synthetic_microbatches(first, layout, 0)[0], device, first)
@@ -192,7 +204,7 @@ def main() -> int:
     result = {
         "benchmark": "train_step", "device": cpu, "device_type": device.type,
         "torch_threads": torch.get_num_threads(), "preset": args.preset,
-        "overrides": PRESETS[args.preset], "batch": args.batch,
+        "overrides": PRESETS[args.preset], "case_overrides": DENSE_VARIANTS, "batch": args.batch,
         "precisions": precisions,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "megatron_core": version("megatron-core"), "deepspeed": version("deepspeed"),

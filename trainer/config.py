@@ -108,6 +108,9 @@ class PrompterConfig:
         _positive(self, key, "heads")
 
 
+ATTENTIONS = ("sdpa", "unfused")  # model.attention (trainer/models/layer_spec.py)
+
+
 @dataclass
 class ModelConfig:
     # A named preset (tiny, vit-b-32, vit-b-16, vit-l-14) fills every field below; fields given
@@ -121,6 +124,10 @@ class ModelConfig:
     # null: no bias parameter (the softmax CLIP loss has no use for one).
     logit_bias_init: float | None = None
     params_dtype: str = "float32"  # float32 | bfloat16 (inference; training: train.precision)
+    # Core attention of both towers: sdpa (torch scaled_dot_product_attention: flash / cuDNN /
+    # memory-efficient kernels on CUDA, a fused kernel on CPU) or unfused (megatron-core's
+    # DotProductAttention: [b*heads, s, s] scores in fp32). Same math (fp32: within 1e-5).
+    attention: str = "sdpa"
     prompter: PrompterConfig = field(default_factory=PrompterConfig)
 
     def validate(self, key: str) -> None:
@@ -130,6 +137,9 @@ class ModelConfig:
         self.prompter.validate(f"{key}.prompter")
         if self.params_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"{key}.params_dtype={self.params_dtype!r}: expected float32 or bfloat16")
+        if self.attention not in ATTENTIONS:
+            raise ConfigError(f"{key}.attention={self.attention!r}: expected one of "
+                              f"{', '.join(ATTENTIONS)}")
 
 
 @dataclass

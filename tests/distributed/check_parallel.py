@@ -68,6 +68,24 @@ def embeddings(model, refs):
         return model.encode_image(refs["images"]), model.encode_text(refs["text"])
 
 
+def sdpa_vs_unfused_tp2(workdir: Path, world: int, refs) -> dict:
+    """model.attention=sdpa vs =unfused at tp=2 on the same weights: both towers' embeddings
+    (max abs), the loss and every gradient (relative)."""
+    got = {}
+    for attention in ("unfused", "sdpa"):
+        cfg = config_from_saved(checkpoint.read_manifest(workdir / "ckpt_open_clip")["config"])
+        cfg.parallel.tp, cfg.parallel.pp, cfg.model.attention = 2, 1, attention
+        cfg.train.global_contrastive = False
+        layout = ParallelLayout(world, 2, 1).initialize(seed=123)
+        model = B.build_for_training(cfg, layout)
+        checkpoint.load_model(workdir / "ckpt_open_clip", model, layout)
+        got[attention] = (*embeddings(model, refs), *loss_and_grads(cfg, layout, model, refs))
+    (ui, ut, ul, ug), (si, st, sl, sg) = got["unfused"], got["sdpa"]
+    return {"tp2_sdpa_vs_unfused_embed": max(max_abs(si, ui), max_abs(st, ut)),
+            "tp2_sdpa_vs_unfused_loss_rel": abs(sl - ul) / abs(ul),
+            "tp2_sdpa_vs_unfused_grad_rel": grad_rel(sg, ug)}
+
+
 def main():
     workdir = Path(sys.argv[1])
     launch = read_launch_env()
@@ -106,6 +124,7 @@ def main():
     weights = full_state_dict(model, layout)
     out["tp2_to_pp2_ckpt_max_abs"] = max(max_abs(weights[k], v) for k, v in ref_weights.items())
     out["ref_loss"] = ref_loss
+    out.update(sdpa_vs_unfused_tp2(workdir, world, refs))
     (workdir / f"result_rank{rank}.json").write_text(json.dumps(out, indent=1))
     ParallelLayout.destroy()
     torch.distributed.destroy_process_group()

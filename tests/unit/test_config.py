@@ -36,6 +36,7 @@ def test_presets(preset, width, layers, patch, embed):
     (["model.vision.act=relu"], "model.vision.act='relu'"),
     (["model.vision.width=65"], "model.vision.width=65 is not divisible by model.vision.heads=4"),
     (["model.preset=vit-h"], "model.preset='vit-h'"),
+    (["model.attention=flash"], "model.attention='flash': expected one of sdpa, unfused"),
     (["parallel.tp=3"], "model.vision.heads=4 is not divisible by parallel.tp=3"),
     (["parallel.pp=3"], "cannot be split over parallel.pp=3"),
     (["checkpoint.load=/nonexistent/ckpt"], "checkpoint.load='/nonexistent/ckpt'"),

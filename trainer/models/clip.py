@@ -63,7 +63,7 @@ def tower_transformer_config(tower: VisionConfig | TextConfig, model: ModelConfi
 
 class VisionTower(MegatronModule):
     def __init__(self, cfg: VisionConfig, tcfg: TransformerConfig, embed_dim: int,
-                 pre_process: bool, post_process: bool):
+                 pre_process: bool, post_process: bool, attention: str = "sdpa"):
         super().__init__(config=tcfg)
         self.pre_process, self.post_process = pre_process, post_process
         d = cfg.width
@@ -77,7 +77,8 @@ class VisionTower(MegatronModule):
         first, count = _stage_layers(tcfg)
         self.transformer = TransformerBlock(
             tcfg, TransformerBlockSubmodules(
-                layer_specs=tower_layer_specs(cfg, causal=False, first=first, count=count)),
+                layer_specs=tower_layer_specs(cfg, causal=False, first=first, count=count,
+                                              attention=attention)),
             post_layer_norm=False, pre_process=pre_process, post_process=post_process)
         if post_process:
             self.ln_post = torch.nn.LayerNorm(d, eps=cfg.ln_eps)
@@ -106,7 +107,8 @@ class VisionTower(MegatronModule):
 
 
 class TextTower(MegatronModule):
-    def __init__(self, cfg: TextConfig, tcfg: TransformerConfig, embed_dim: int):
+    def __init__(self, cfg: TextConfig, tcfg: TransformerConfig, embed_dim: int,
+                 attention: str = "sdpa"):
         super().__init__(config=tcfg)
         d = cfg.width
         self.eot_id = cfg.eot_id
@@ -114,7 +116,8 @@ class TextTower(MegatronModule):
         self.positional_embedding = torch.nn.Parameter(torch.randn(cfg.context_length, d) * 0.01)
         self.transformer = TransformerBlock(
             tcfg, TransformerBlockSubmodules(
-                layer_specs=tower_layer_specs(cfg, causal=True, first=0, count=cfg.layers)),
+                layer_specs=tower_layer_specs(cfg, causal=True, first=0, count=cfg.layers,
+                                              attention=attention)),
             post_layer_norm=False, pre_process=True, post_process=True)
         self.ln_final = torch.nn.LayerNorm(d, eps=cfg.ln_eps)
         self.proj = torch.nn.Linear(d, embed_dim, bias=False)
@@ -174,10 +177,11 @@ class CLIP(MegatronModule):
         self.model_type = ModelType.encoder_or_decoder
         self.cfg = cfg
         self.pre_process, self.post_process = pre_process, post_process
-        self.visual = VisionTower(cfg.vision, vcfg, cfg.embed_dim, pre_process, post_process)
+        self.visual = VisionTower(cfg.vision, vcfg, cfg.embed_dim, pre_process, post_process,
+                                  cfg.attention)
         if post_process:
             tcfg = tower_transformer_config(cfg.text, cfg, parallel.tp, pp=1, recompute=recompute)
-            self.text = TextTower(cfg.text, tcfg, cfg.embed_dim)
+            self.text = TextTower(cfg.text, tcfg, cfg.embed_dim, cfg.attention)
             self.logit_scale = torch.nn.Parameter(torch.tensor(cfg.logit_scale_init))
             if cfg.logit_bias_init is not None:
                 self.logit_bias = torch.nn.Parameter(torch.tensor(cfg.logit_bias_init))

@@ -3,7 +3,9 @@
 A CLIP residual block is exactly megatron's pre-LN ``TransformerLayer``:
 ``x + attn(ln_1(x))`` then ``x + mlp(ln_2(x))``, with biases on every linear layer.
 The vision tower attends bidirectionally, the text tower causally. The MoE issue swaps the
-``mlp`` submodule; nothing else changes.
+``mlp`` submodule; nothing else changes. Core attention (``model.attention``): ``sdpa``, torch's
+``scaled_dot_product_attention`` (trainer/models/attention.py), or ``unfused``, megatron's
+``DotProductAttention``.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from trainer.models.attention import SDPAttention
 
 try:  # apex's fused LayerNorm when it is importable; torch's otherwise (same parameters)
     from megatron.core.fusions.fused_layer_norm import FusedLayerNorm as LayerNormImpl
@@ -35,15 +39,20 @@ def moe_mlp_spec(moe, activation: str) -> ModuleSpec:
     return ModuleSpec(module=MoEMLP, params={"moe": moe, "activation": activation})
 
 
-def tower_layer_specs(tower, causal: bool, first: int, count: int) -> list[ModuleSpec]:
+CORE_ATTENTION = {"sdpa": SDPAttention, "unfused": DotProductAttention}  # model.attention
+
+
+def tower_layer_specs(tower, causal: bool, first: int, count: int,
+                      attention: str = "sdpa") -> list[ModuleSpec]:
     """Specs of blocks ``first .. first+count-1`` of a tower (global block indices, so a
     pipeline stage knows which of its blocks are MoE)."""
     moe_layers = set(tower.moe.moe_layers(tower.layers))
     return [clip_layer_spec(causal, moe_mlp_spec(tower.moe, tower.act) if i in moe_layers
-                            else None) for i in range(first, first + count)]
+                            else None, attention) for i in range(first, first + count)]
 
 
-def clip_layer_spec(causal: bool, mlp: ModuleSpec | None = None) -> ModuleSpec:
+def clip_layer_spec(causal: bool, mlp: ModuleSpec | None = None,
+                    attention: str = "sdpa") -> ModuleSpec:
     mask = AttnMaskType.causal if causal else AttnMaskType.no_mask
     return ModuleSpec(
         module=TransformerLayer,
@@ -53,7 +62,7 @@ def clip_layer_spec(causal: bool, mlp: ModuleSpec | None = None) -> ModuleSpec:
                 module=SelfAttention,
                 params={"attn_mask_type": mask},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear, core_attention=DotProductAttention,
+                    linear_qkv=ColumnParallelLinear, core_attention=CORE_ATTENTION[attention],
                     linear_proj=RowParallelLinear, q_layernorm=IdentityOp,
                     k_layernorm=IdentityOp),
             ),
