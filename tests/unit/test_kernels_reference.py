@@ -177,7 +177,9 @@ def test_no_bias_and_consistent_backends_on_cpu():
     # on CPU "auto" IS the reference, so the line above cannot fail: "auto" (forward and
     # gradients, no bias) against the independent float64 loop
     xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    before = kernels.api.BACKEND_CALLS.copy()
     y = grouped_gemm(xg, wg, c)
+    assert kernels.api.BACKEND_CALLS - before == {("grouped_gemm", "reference"): 1}
     x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
     y64 = loop_gemm64(x64, w64, [4, 5], None)
     torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
@@ -186,7 +188,9 @@ def test_no_bias_and_consistent_backends_on_cpu():
     y64.backward(dy.double())
     torch.testing.assert_close(xg.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(wg.grad.double(), w64.grad, rtol=1e-5, atol=1e-5)
+    before = kernels.api.BACKEND_CALLS.copy()
     y = expert_mlp(x, w, None, w, None, c, activation="gelu")
+    assert kernels.api.BACKEND_CALLS - before == {("expert_mlp", "reference"): 1}
     torch.testing.assert_close(y.double(), loop_mlp64(x, w, None, w, None, [4, 5], None, "gelu"),
                                rtol=1e-5, atol=1e-5)
 
