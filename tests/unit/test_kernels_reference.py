@@ -195,6 +195,44 @@ def test_no_bias_and_consistent_backends_on_cpu():
                                rtol=1e-5, atol=1e-5)
 
 
+def test_gpu_tests_bound_passes_bf16_rounding_and_catches_one_small_group():
+    """tests/kernel_numerics.py, the per-group bound of tests/gpu, checked on CPU where it can
+    run: the bf16 reference rounds where the CUDA kernels do (fp32-accumulated GEMM rounded
+    once, + bias rounded once, one weight slab and one bias sum per expert) and passes at a
+    ratio of ~1 to the emulated rounding error; a 7-row group 25% off, or the dW of a 7-row
+    expert 25% off, fails it, while the whole-tensor bound (2e-2 relative) accepts both. The GPU tests' skewed shape: 2048 rows, one of 2020, three of 7, K=72, N=200."""
+    import kernel_numerics as num
+
+    gen = torch.Generator().manual_seed(7)
+    experts, k, n, counts = 8, 72, 200, [0, 2020, 0, 7, 0, 7, 0, 7]
+    x = rand(2053, k, gen=gen).bfloat16().requires_grad_()
+    w = (rand(experts, k, n, gen=gen) * k ** -0.5).bfloat16().requires_grad_()
+    b = rand(experts, n, gen=gen).bfloat16().requires_grad_()
+    dy = rand(2053, n, gen=gen).bfloat16()
+    y = grouped_gemm(x, w, torch.tensor(counts), bias=b)
+    got = dict(zip(["y", "dx", "dw", "db"], [y, *torch.autograd.grad(y, [x, w, b], dy)]))
+    bounds = num.group_bounds(counts, None)
+    exact = num.grouped_gemm64(x, w, b, dy, bounds)
+    emulated = num.grouped_gemm64(x, w, b, dy, bounds, round_to=torch.bfloat16)
+    parts = {"y": num.row_parts(bounds), "dx": num.row_parts(bounds),
+             "dw": num.expert_parts(experts), "db": num.expert_parts(experts)}
+    for name, t in got.items():
+        ratio = num.check_parts(name, t, exact[name], emulated[name], parts[name], torch.bfloat16)
+        assert ratio < 1.05, (name, ratio)  # measured 1.000
+
+    def whole(t, name):
+        return float((t.double() - exact[name]).norm() / exact[name].norm())
+
+    bad_y = got["y"].detach().clone()
+    bad_y[2020:2027] *= 1.25                                       # group 3: rows 2020..2026
+    bad_dw = got["dw"].detach().clone()
+    bad_dw[3] *= 1.25                                              # expert 3 (7 rows)
+    for name, bad in (("y", bad_y), ("dw", bad_dw)):
+        assert whole(bad, name) < 2e-2, (name, whole(bad, name))   # the old bound passes it
+        with pytest.raises(AssertionError, match="group 3|expert 3"):
+            num.check_parts(name, bad, exact[name], emulated[name], parts[name], torch.bfloat16)
+
+
 @pytest.mark.parametrize("kwargs,counts,error,match", [
     ({}, [1.0, 2.0], TypeError, "integer"),
     ({}, [1, 2, 3], ValueError, "multiple of 2 experts"),
