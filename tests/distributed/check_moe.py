@@ -19,7 +19,9 @@ and checks the tolerances):
   layout again vs EP=1, embeddings, loss and every gradient per expert, so a token sent to
   the wrong expert shows; EP=1 itself vs one process running the whole global batch;
 - the global grad norm and the clipped gradients at EP=2 / EP=4 / dropless / TP=2 x EP=2 /
-  PP=2 x EP=2 vs that single process (float64 norm of its full gradient).
+  PP=2 x EP=2 vs that single process (float64 norm of its full gradient);
+- TP=2 x DP=2 (dense) with the global contrastive loss on vs one process computing the
+  global batch (both DP ranks' micro-batches) as one contrastive batch.
 """
 import json
 import sys
@@ -31,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import peers  # noqa: E402
-from gradref import (distinct_experts, grad_rel as grad_rel_keys, norm_and_clip,  # noqa: E402
-                     per_expert, reset_grads, solo_loss_and_grads)
+from gradref import (distinct_experts, grad_rel as grad_rel_keys, norm64,  # noqa: E402
+                     norm_and_clip, per_expert, reset_grads, solo_loss_and_grads)
 from trainer import checkpoint, step as S  # noqa: E402
 from trainer.config import config_to_dict, load_config  # noqa: E402
 from trainer.distributed import ParallelLayout, init_distributed, read_launch_env  # noqa: E402
@@ -47,10 +49,13 @@ def config(**kw):
     return load_config(None, overrides(**kw))
 
 
-def overrides(tp=1, ep=1, pp=1, top_k=2, dispatch="capacity", aux=True, moe=True):
+def overrides(tp=1, ep=1, pp=1, top_k=2, dispatch="capacity", aux=True, moe=True,
+              global_contrastive=False):
     # each DP rank's microbatch is its own contrastive batch, like the EP=1 reference's slices
     over = ["model.text.vocab_size=1000", f"parallel.tp={tp}", f"parallel.ep={ep}",
-            f"parallel.pp={pp}", "train.global_contrastive=false"]
+            f"parallel.pp={pp}"]
+    if not global_contrastive:
+        over.append("train.global_contrastive=false")
     if moe:
         for tower, every in (("vision", 1), ("text", 2)):  # text mixes dense and MoE blocks
             m = f"model.{tower}.moe."
@@ -159,6 +164,35 @@ def slices_cat(slices):
     return (torch.cat([s["images"] for s in slices]), torch.cat([s["text"] for s in slices]))
 
 
+def global_contrastive_case(dense, dense_cfg, world, images, text, dense_ckpt, out):
+    """TP=2 x DP=2, ``train.global_contrastive`` on (the default): each DP rank computes half
+    of the global batch; loss and gradients equal one process's on the whole batch."""
+    whole = [{"images": images, "text": text, "size": images.shape[0]}]
+    solo_loss, solo_grads = solo_loss_and_grads(S.wrap_ddp(dense), whole, dense_cfg)
+    cfg = load_config(None, overrides(tp=2, moe=False, global_contrastive=True))
+    assert cfg.train.global_contrastive
+    layout = layout_for(cfg, world)
+    model = S.build_model(cfg, layout)
+    checkpoint.load_model(dense_ckpt, model, layout)
+    ddp = S.wrap_ddp(model)
+    half = images.shape[0] // layout.dp
+    mine = slice(layout.dp_rank * half, (layout.dp_rank + 1) * half)
+    got = S.forward_backward(ddp, [{"images": images[mine], "text": text[mine],
+                                    "size": half}], cfg)
+    S.finalize_grads(ddp, layout)
+    t = torch.tensor([got["loss"]])
+    torch.distributed.all_reduce(t)  # this rank's rows: their mean over DP is the global loss
+    loss = float(t) / (layout.dp * layout.tp)
+    out["tp2_global_dp"] = layout.dp
+    out["tp2_global_loss"] = loss
+    out["tp2_global_local_loss"] = got["loss"]  # this rank's rows' share
+    out["tp2_global_loss_diff"] = abs(loss - solo_loss) / abs(solo_loss)
+    out["tp2_global_grad_rel"], out["tp2_global_grad_keys"] = grad_rel_keys(
+        full_state_dict(model, layout, grads=True), solo_grads)
+    ref_norm = norm64(solo_grads)
+    out["tp2_global_grad_norm_rel"] = abs(S.global_grad_norm(ddp, layout) - ref_norm) / ref_norm
+
+
 def main():
     workdir = Path(sys.argv[1])
     launch = read_launch_env()
@@ -176,6 +210,7 @@ def main():
     dense_img, dense_txt = embeddings(dense, images, text)
     checkpoint.save_checkpoint(workdir / "dense", 1, dense, config_to_dict(dense_cfg), layout)
     dense_ckpt = str(workdir / "dense")
+    global_contrastive_case(dense, dense_cfg, world, images, text, dense_ckpt, out)
 
     refs, distinct = {}, {}
     cases = [("ep1_top2", dict(ep=1)), ("ep2_top2", dict(ep=2)), ("ep4_top2", dict(ep=4)),

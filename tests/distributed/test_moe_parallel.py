@@ -17,7 +17,10 @@ Tolerances (measured values in the issue note):
   included (measured <= 1e-6); EP=1 over DP=4 vs one process on the global batch: the same;
 - global grad norm at EP=2 / EP=4 / dropless / TP=2 x EP=2 / PP=2 x EP=2 vs the float64 norm
   of one process's full gradient: relative <= 1e-5 (measured <= 3.3e-7); clipped to half that
-  norm, gradients relative <= 1e-5 per tensor / expert and their norm = max_norm <= 1e-5.
+  norm, gradients relative <= 1e-5 per tensor / expert and their norm = max_norm <= 1e-5;
+- TP=2 x DP=2 with the global contrastive loss on (dense) vs one process on the 16-sample
+  global batch as one contrastive batch: loss relative <= 1e-6 (measured 0), gradients
+  relative <= 1e-5 (measured 1.2e-6), grad norm relative <= 1e-5.
 """
 import json
 
@@ -79,3 +82,9 @@ def test_moe_layouts(tmp_path):
             assert r[f"{name}_clipped_norm_rel"] <= 1e-5, (name, r[f"{name}_clipped_norm_rel"])
             assert r[f"{name}_clip_rel"] <= 1e-5, (name, r[f"{name}_clip_rel"])
             assert r[f"{name}_clip_keys"] == [], (name, r)
+
+        assert r["tp2_global_dp"] == 2, r
+        assert r["tp2_global_loss_diff"] <= 1e-6, (r["tp2_global_loss"], r["tp2_global_loss_diff"])
+        assert r["tp2_global_grad_rel"] <= 1e-5, r["tp2_global_grad_rel"]
+        assert r["tp2_global_grad_keys"] == [], r
+        assert r["tp2_global_grad_norm_rel"] <= 1e-5, r["tp2_global_grad_norm_rel"]
