@@ -5,6 +5,11 @@
 WORKDIR holds ``refs.pt`` (peer embeddings and inputs) and the imported checkpoints
 ``ckpt_open_clip`` / ``ckpt_hf``. Every rank writes ``result_rank{r}.json`` with the measured
 differences; tests/distributed/test_parallel.py states and checks the tolerances.
+
+Besides the TP=2 / PP=2 vs TP=1 comparisons: one process computes the batch alone (no
+collective, gradref.py); the TP=1 reference equals it, and at TP=2 and PP=2 the global grad
+norm (``trainer.step.global_grad_norm``) and the gradients clipped to half of it equal that
+process's float64 norm and scaled gradients.
 """
 import json
 import sys
@@ -14,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from gradref import grad_rel as grad_rel_keys, norm_and_clip, solo_loss_and_grads  # noqa: E402
 from trainer import checkpoint, step as S  # noqa: E402
 from trainer.models import build as B  # noqa: E402
 from trainer.distributed import grads as G  # noqa: E402
@@ -39,12 +45,12 @@ def microbatches(refs):
             for i in (0, half)]
 
 
-def loss_and_grads(cfg, layout, model, refs):
-    ddp = G.wrap_ddp(model)
+def loss_and_grads(cfg, layout, ddp, refs):
     out = S.forward_backward(ddp, microbatches(refs), cfg)
     G.finalize_grads(ddp, layout)
     loss = out["loss"] if out is not None else None
-    grads = full_state_dict(model, layout, grads=True)
+    # a copy: at pp=1 these alias the grad buffers, which clipping scales later
+    grads = {k: v.clone() for k, v in full_state_dict(G.unwrap(ddp), layout, grads=True).items()}
     if layout.pp > 1:  # the loss lives on the last stage
         box = [loss]
         torch.distributed.broadcast_object_list(box, src=torch.distributed.get_world_size() - 1)
@@ -79,7 +85,8 @@ def sdpa_vs_unfused_tp2(workdir: Path, world: int, refs) -> dict:
         layout = ParallelLayout(world, 2, 1).initialize(seed=123)
         model = B.build_for_training(cfg, layout)
         checkpoint.load_model(workdir / "ckpt_open_clip", model, layout)
-        got[attention] = (*embeddings(model, refs), *loss_and_grads(cfg, layout, model, refs))
+        got[attention] = (*embeddings(model, refs),
+                          *loss_and_grads(cfg, layout, G.wrap_ddp(model), refs))
     (ui, ut, ul, ug), (si, st, sl, sg) = got["unfused"], got["sdpa"]
     return {"tp2_sdpa_vs_unfused_embed": max(max_abs(si, ui), max_abs(st, ut)),
             "tp2_sdpa_vs_unfused_loss_rel": abs(sl - ul) / abs(ul),
@@ -98,16 +105,22 @@ def main():
     cfg, layout, model = build(workdir, "ckpt_open_clip", 1, 1, world)
     img, txt = embeddings(model, refs)
     out["tp1_open_clip_embed"] = max(max_abs(img, refs["oc_image"]), max_abs(txt, refs["oc_text"]))
-    ref_loss, ref_grads = loss_and_grads(cfg, layout, model, refs)
+    ddp = G.wrap_ddp(model)
+    solo_loss, solo_grads = solo_loss_and_grads(ddp, microbatches(refs), cfg)
+    ref_loss, ref_grads = loss_and_grads(cfg, layout, ddp, refs)
+    out["tp1_solo_loss_rel"] = abs(ref_loss - solo_loss) / abs(solo_loss)
+    out["tp1_solo_grad_rel"], out["tp1_solo_grad_keys"] = grad_rel_keys(ref_grads, solo_grads)
     ref_weights = full_state_dict(model, layout)
 
     # tp=2: peer embeddings, loss and grads; save a checkpoint at this layout
     cfg, layout, model = build(workdir, "ckpt_open_clip", 2, 1, world)
     img, txt = embeddings(model, refs)
     out["tp2_open_clip_embed"] = max(max_abs(img, refs["oc_image"]), max_abs(txt, refs["oc_text"]))
-    loss, grads = loss_and_grads(cfg, layout, model, refs)
+    ddp = G.wrap_ddp(model)
+    loss, grads = loss_and_grads(cfg, layout, ddp, refs)
     out["tp2_loss_rel"] = abs(loss - ref_loss) / abs(ref_loss)
     out["tp2_grad_rel"] = grad_rel(grads, ref_grads)
+    out.update(norm_and_clip(ddp, layout, solo_grads, "tp2"))
     checkpoint.save_checkpoint(workdir / "ckpt_tp2", 7, model, checkpoint.read_manifest(
         workdir / "ckpt_open_clip")["config"], layout)
     cfg, layout, model = build(workdir, "ckpt_hf", 2, 1, world)
@@ -116,9 +129,11 @@ def main():
 
     # pp=2: loss and grads through the 1F1B schedule; reload the tp=2 checkpoint at pp=2
     cfg, layout, model = build(workdir, "ckpt_open_clip", 1, 2, world)
-    loss, grads = loss_and_grads(cfg, layout, model, refs)
+    ddp = G.wrap_ddp(model)
+    loss, grads = loss_and_grads(cfg, layout, ddp, refs)
     out["pp2_loss_rel"] = abs(loss - ref_loss) / abs(ref_loss)
     out["pp2_grad_rel"] = grad_rel(grads, ref_grads)
+    out.update(norm_and_clip(ddp, layout, solo_grads, "pp2"))
     out["pp2_grad_keys_missing"] = sorted(set(ref_grads) - set(grads))
     cfg, layout, model = build(workdir, "ckpt_tp2", 1, 2, world)
     weights = full_state_dict(model, layout)

@@ -8,7 +8,19 @@ Tolerances (measured values in the issue note):
   their true gradient is 0 at step 0);
 - DeepSpeed's EP / expert-DP groups are megatron's (identity);
 - checkpoint TP=2 x EP=2 -> EP=1 and -> EP=4: bit-exact; the upcycle CLI's checkpoint
-  preserves function (<= 1e-6) when reloaded at another layout.
+  preserves function (<= 1e-6) when reloaded at another layout;
+- every expert of every MoE layer gets tokens (> 0 kept routes) in each function-preservation
+  forward (identical experts cannot show a token sent to the wrong expert);
+- distinct experts (seeded per-expert noise, identical at every layout; they shift the loss by
+  > 1%, measured 5.5%): the same layouts vs EP=1, loss relative <= 1e-6, embeddings max abs
+  <= 1e-5 (pp=1), gradient relative L2 error <= 1e-5 per tensor and per expert, routers
+  included (measured <= 1e-6); EP=1 over DP=4 vs one process on the global batch: the same;
+- global grad norm at EP=2 / EP=4 / dropless / TP=2 x EP=2 / PP=2 x EP=2 vs the float64 norm
+  of one process's full gradient: relative <= 1e-5 (measured <= 3.3e-7); clipped to half that
+  norm, gradients relative <= 1e-5 per tensor / expert and their norm = max_norm <= 1e-5;
+- TP=2 x DP=2 with the global contrastive loss on (dense) vs one process on the 16-sample
+  global batch as one contrastive batch: loss relative <= 1e-6 (measured 0), gradients
+  relative <= 1e-5 (measured 1.2e-6), grad norm relative <= 1e-5.
 """
 import json
 
@@ -38,3 +50,41 @@ def test_moe_layouts(tmp_path):
         assert r["ckpt_to_ep1"] == 0.0 and r["ckpt_to_ep1_keys"] == [], r
         assert r["ckpt_to_ep4"] == 0.0 and r["ckpt_to_ep4_keys"] == [], r
         assert r["ref_loss"] > 0.1
+
+        reached = [k[:-len("_reached_min")] for k in r if k.endswith("_reached_min")]
+        assert len(reached) == len(preserve), r
+        for name in reached:
+            assert r[f"{name}_reached_min"] > 0 and r[f"{name}_unreached"] == [], (
+                name, r[f"{name}_unreached"])
+
+        assert r["distinct_loss_shift"] > 1e-2, r  # the experts do differ
+        distinct = [k[:-len("_distinct_loss_diff")] for k in r if k.endswith("_distinct_loss_diff")]
+        assert sorted(distinct) == sorted(compared), r
+        for name in distinct:
+            assert r[f"{name}_distinct_loss_diff"] <= 1e-6, (name, r[f"{name}_distinct_loss_diff"])
+            assert r[f"{name}_distinct_grad_rel"] <= 1e-5, (name, r[f"{name}_distinct_grad_rel"])
+            assert r[f"{name}_distinct_grad_keys"] == [], (name, r)
+            if not name.startswith("pp"):
+                assert r[f"{name}_distinct_embed"] <= 1e-5, (name, r[f"{name}_distinct_embed"])
+        for name in ("ep1_top2", "ep1_noaux"):
+            assert r[f"{name}_solo_loss_diff"] <= 1e-6, (name, r[f"{name}_solo_loss_diff"])
+            assert r[f"{name}_solo_grad_rel"] <= 1e-5, (name, r[f"{name}_solo_grad_rel"])
+            assert r[f"{name}_solo_grad_keys"] == [], (name, r)
+
+        normed = [k[:-len("_ref_norm")] for k in r if k.endswith("_ref_norm")]
+        assert sorted(normed) == sorted(["ep2_top2", "ep4_top2", "ep2_dropless", "tp2ep2_top2",
+                                         "pp2ep2_top2"]), r
+        for name in normed:
+            assert r[f"{name}_ref_norm"] > 1.0, (name, r)
+            assert r[f"{name}_norm_rel"] <= 1e-5, (name, r[f"{name}_norm"],
+                                                   r[f"{name}_ref_norm"])
+            assert r[f"{name}_clip_returned_rel"] <= 1e-5, (name, r)
+            assert r[f"{name}_clipped_norm_rel"] <= 1e-5, (name, r[f"{name}_clipped_norm_rel"])
+            assert r[f"{name}_clip_rel"] <= 1e-5, (name, r[f"{name}_clip_rel"])
+            assert r[f"{name}_clip_keys"] == [], (name, r)
+
+        assert r["tp2_global_dp"] == 2, r
+        assert r["tp2_global_loss_diff"] <= 1e-6, (r["tp2_global_loss"], r["tp2_global_loss_diff"])
+        assert r["tp2_global_grad_rel"] <= 1e-5, r["tp2_global_grad_rel"]
+        assert r["tp2_global_grad_keys"] == [], r
+        assert r["tp2_global_grad_norm_rel"] <= 1e-5, r["tp2_global_grad_norm_rel"]
