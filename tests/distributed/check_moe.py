@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import peers  # noqa: E402
-from gradref import (distinct_experts, grad_rel as grad_rel_keys, norm64,  # noqa: E402
+from gradref import (distinct_experts, grad_rel, norm64,  # noqa: E402
                      norm_and_clip, per_expert, reset_grads, solo_loss_and_grads)
 from trainer import checkpoint, step as S  # noqa: E402
 from trainer.models import build as B  # noqa: E402
@@ -107,14 +107,6 @@ def experts_reached(model):
     return float(per_layer.min()), [f"{i}:{e}" for i, e in (per_layer == 0).nonzero().tolist()]
 
 
-def grad_rel(grads, ref):
-    worst, missing = 0.0, sorted(set(ref) ^ set(grads))
-    for k, g in ref.items():
-        if k in grads:
-            worst = max(worst, float((grads[k] - g).norm() / g.norm().clamp_min(1e-12)))
-    return worst, missing
-
-
 def groups_match(model) -> bool:
     from deepspeed.utils import groups
     from megatron.core import parallel_state as ps
@@ -147,13 +139,13 @@ def distinct_case(name, cfg, layout, ddp, slices, ref_name, distinct, out):
     distinct[name] = (loss, grads, emb, solo)
     if solo is not None:  # EP=1 over DP=4 vs one process
         out[f"{name}_solo_loss_diff"] = abs(loss - solo[0]) / abs(solo[0])
-        out[f"{name}_solo_grad_rel"], out[f"{name}_solo_grad_keys"] = grad_rel_keys(
+        out[f"{name}_solo_grad_rel"], out[f"{name}_solo_grad_keys"] = grad_rel(
             per_expert(grads), per_expert(solo[1]))
     if ref_name is None:
         return
     ref_loss, ref_grads, ref_emb, ref_solo = distinct[ref_name]
     out[f"{name}_distinct_loss_diff"] = abs(loss - ref_loss) / abs(ref_loss)
-    out[f"{name}_distinct_grad_rel"], out[f"{name}_distinct_grad_keys"] = grad_rel_keys(
+    out[f"{name}_distinct_grad_rel"], out[f"{name}_distinct_grad_keys"] = grad_rel(
         per_expert(grads), per_expert(ref_grads))
     if emb is not None:
         out[f"{name}_distinct_embed"] = max(max_abs(emb[0], ref_emb[0]),
@@ -189,7 +181,7 @@ def global_contrastive_case(dense, dense_cfg, world, images, text, dense_ckpt, o
     out["tp2_global_loss"] = loss
     out["tp2_global_local_loss"] = got["loss"]  # this rank's rows' share
     out["tp2_global_loss_diff"] = abs(loss - solo_loss) / abs(solo_loss)
-    out["tp2_global_grad_rel"], out["tp2_global_grad_keys"] = grad_rel_keys(
+    out["tp2_global_grad_rel"], out["tp2_global_grad_keys"] = grad_rel(
         full_state_dict(model, layout, grads=True), solo_grads)
     ref_norm = norm64(solo_grads)
     out["tp2_global_grad_norm_rel"] = abs(G.global_grad_norm(ddp, layout) - ref_norm) / ref_norm
