@@ -6,8 +6,14 @@ backend="auto"       the CUDA extension when it is built and the call fits it (C
 backend="cuda"       the extension or an error: ExtensionNotBuiltError (how to build it) when
                      it is missing, ValueError (what does not fit) otherwise.
 backend="reference"  the PyTorch reference (kernels/reference.py).
+
+BACKEND_CALLS counts the calls each backend served, by (function, backend), e.g.
+("expert_mlp", "cuda"): what "auto" chose is visible to tests, logs and benchmarks. It counts
+Python calls (one dict update each), not CUDA-graph replays.
 """
 from __future__ import annotations
+
+from collections import Counter
 
 import torch
 
@@ -18,6 +24,8 @@ from kernels.layout import check_counts, host_bounds
 BACKENDS = ("auto", "cuda", "reference")
 _CUDA_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _MAX_GROUPS = 4096  # csrc/elementwise.cu keeps every group's bounds in shared memory
+# calls served: ("grouped_gemm" | "expert_mlp", "cuda" | "reference") -> count
+BACKEND_CALLS: Counter = Counter()
 
 
 def grouped_gemm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, *,
@@ -39,9 +47,11 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, *,
 
         layout = _cuda.group_layout(counts, x2d, stride)
         y = _cuda.GroupedGemm.apply(x2d.contiguous(), w.contiguous(), _contiguous(bias), layout)
+        BACKEND_CALLS["grouped_gemm", "cuda"] += 1
     else:
         bounds = host_bounds(counts, x2d.shape[0], stride)
         y = reference.grouped_gemm_reference(x2d, w, bounds, bias)
+        BACKEND_CALLS["grouped_gemm", "reference"] += 1
     return y.reshape(*lead, w.shape[2])
 
 
@@ -70,9 +80,11 @@ def expert_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: t
         layout = _cuda.group_layout(counts, x2d, stride)
         y = _cuda.ExpertMLP.apply(x2d.contiguous(), w1.contiguous(), _contiguous(b1),
                                   w2.contiguous(), _contiguous(b2), layout, act)
+        BACKEND_CALLS["expert_mlp", "cuda"] += 1
     else:
         bounds = host_bounds(counts, x2d.shape[0], stride)
         y = reference.expert_mlp_reference(x2d, w1, b1, w2, b2, bounds, activation)
+        BACKEND_CALLS["expert_mlp", "reference"] += 1
     return y.reshape(*lead, w2.shape[2])
 
 

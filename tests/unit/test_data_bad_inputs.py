@@ -5,6 +5,7 @@ import io
 import json
 import logging
 import tarfile
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -77,6 +78,17 @@ def bad_urls(tmp_path_factory) -> list[str]:
     return [str(d / "a.tar"), str(d / "cut.tar"), str(d / "missing.tar"), str(d / "garbage.tar")]
 
 
+def _whole_samples_before(full, cut: int) -> list[str]:
+    """Keys (in tar order) of ``full``'s samples whose every member (header and data) lies in
+    its first ``cut`` bytes."""
+    ends: dict[str, int] = {}
+    with tarfile.open(full) as tar:
+        for m in tar.getmembers():
+            key = m.name.split(".")[0]
+            ends[key] = max(ends.get(key, 0), m.offset_data + m.size)
+    return [k for k, end in ends.items() if end <= cut]
+
+
 def _cfg(urls: list[str], workers: int) -> DataConfig:
     cfg = DataConfig(train_urls="::".join(urls), batch_size=2, workers=workers, image_size=16,
                      max_regions=2, shuffle_buffer=4, drop_last=False)
@@ -95,6 +107,15 @@ def test_every_bad_kind_is_counted_not_fatal(bad_urls, workers, caplog):
     good = {"good", "json_caption", "bad_json", "list_json", "boxes", "many_regions", "bad_utf8"}
     assert set(keys) - {f"ok{i}" for i in range(6)} == good
     assert c["samples_ok"] == len(keys)
+    # The truncated shard: 4 whole samples lie before the cut (ok4's header is cut). The tar
+    # reader emits a sample when the next key's first member arrives, so the last whole one
+    # (ok3) is still pending when ok4's truncated header raises and is lost with the tail:
+    # exactly ok0..ok2, once each.
+    cut = Path(bad_urls[1])
+    whole = _whole_samples_before(cut.with_name("full.tar"), cut.stat().st_size)
+    assert whole == ["ok0", "ok1", "ok2", "ok3"], whole
+    assert sorted(k for k in keys if k.startswith("ok")) == whole[:-1]
+    assert len(keys) == len(good) + len(whole) - 1  # every good sample exactly once
     assert c["corrupt_image"] == 3
     assert c["missing_image"] == 1
     assert c["missing_caption"] == 2

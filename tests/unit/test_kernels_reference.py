@@ -174,9 +174,63 @@ def test_no_bias_and_consistent_backends_on_cpu():
     x, w = rand(9, 8, gen=gen), rand(2, 8, 8, gen=gen)
     c = torch.tensor([4, 5])
     torch.testing.assert_close(grouped_gemm(x, w, c), grouped_gemm(x, w, c, backend="reference"))
+    # on CPU "auto" IS the reference, so the line above cannot fail: "auto" (forward and
+    # gradients, no bias) against the independent float64 loop
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    before = kernels.api.BACKEND_CALLS.copy()
+    y = grouped_gemm(xg, wg, c)
+    assert kernels.api.BACKEND_CALLS - before == {("grouped_gemm", "reference"): 1}
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    y64 = loop_gemm64(x64, w64, [4, 5], None)
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+    dy = rand(*y.shape, gen=gen)
+    y.backward(dy)
+    y64.backward(dy.double())
+    torch.testing.assert_close(xg.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(wg.grad.double(), w64.grad, rtol=1e-5, atol=1e-5)
+    before = kernels.api.BACKEND_CALLS.copy()
     y = expert_mlp(x, w, None, w, None, c, activation="gelu")
+    assert kernels.api.BACKEND_CALLS - before == {("expert_mlp", "reference"): 1}
     torch.testing.assert_close(y.double(), loop_mlp64(x, w, None, w, None, [4, 5], None, "gelu"),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_gpu_tests_bound_passes_bf16_rounding_and_catches_one_small_group():
+    """tests/kernel_numerics.py, the per-group bound of tests/gpu, checked on CPU where it can
+    run: the bf16 reference rounds where the CUDA kernels do (fp32-accumulated GEMM rounded
+    once, + bias rounded once, one weight slab and one bias sum per expert) and passes at a
+    ratio of ~1 to the emulated rounding error; a 7-row group 25% off, or the dW of a 7-row
+    expert 25% off, fails it, while the whole-tensor bound (2e-2 relative) accepts both. The GPU tests' skewed shape: 2048 rows, one of 2020, three of 7, K=72, N=200."""
+    import kernel_numerics as num
+
+    gen = torch.Generator().manual_seed(7)
+    experts, k, n, counts = 8, 72, 200, [0, 2020, 0, 7, 0, 7, 0, 7]
+    x = rand(2053, k, gen=gen).bfloat16().requires_grad_()
+    w = (rand(experts, k, n, gen=gen) * k ** -0.5).bfloat16().requires_grad_()
+    b = rand(experts, n, gen=gen).bfloat16().requires_grad_()
+    dy = rand(2053, n, gen=gen).bfloat16()
+    y = grouped_gemm(x, w, torch.tensor(counts), bias=b)
+    got = dict(zip(["y", "dx", "dw", "db"], [y, *torch.autograd.grad(y, [x, w, b], dy)]))
+    bounds = num.group_bounds(counts, None)
+    exact = num.grouped_gemm64(x, w, b, dy, bounds)
+    emulated = num.grouped_gemm64(x, w, b, dy, bounds, round_to=torch.bfloat16)
+    parts = {"y": num.row_parts(bounds), "dx": num.row_parts(bounds),
+             "dw": num.expert_parts(experts), "db": num.expert_parts(experts)}
+    for name, t in got.items():
+        ratio = num.check_parts(name, t, exact[name], emulated[name], parts[name], torch.bfloat16)
+        assert ratio < 1.05, (name, ratio)  # measured 1.000
+
+    def whole(t, name):
+        return float((t.double() - exact[name]).norm() / exact[name].norm())
+
+    bad_y = got["y"].detach().clone()
+    bad_y[2020:2027] *= 1.25                                       # group 3: rows 2020..2026
+    bad_dw = got["dw"].detach().clone()
+    bad_dw[3] *= 1.25                                              # expert 3 (7 rows)
+    for name, bad in (("y", bad_y), ("dw", bad_dw)):
+        assert whole(bad, name) < 2e-2, (name, whole(bad, name))   # the old bound passes it
+        with pytest.raises(AssertionError, match="group 3|expert 3"):
+            num.check_parts(name, bad, exact[name], emulated[name], parts[name], torch.bfloat16)
 
 
 @pytest.mark.parametrize("kwargs,counts,error,match", [

@@ -13,7 +13,9 @@ helper under test. Tolerances:
   2e-7 relative on expert weights whose gradients reach ~20, i.e. float32 rounding; the two
   paths sum the same expert terms in another order, every dense gradient is identical);
 - upcycled vs dense embeddings: max abs diff <= 1e-6 (measured 0 at top-1, 2.4e-7 at top-2
-  where w1 + w2 is 1 only to float32 rounding);
+  where w1 + w2 is 1 only to float32 rounding), with routers set from the layers' inputs so
+  that every expert of every MoE layer serves tokens (asserted: tokens_per_expert > 0; a
+  random router leaves some experts unreached, whose wrong copy would pass);
 - aux-loss gradient on the router against autograd of a float64 re-computation from the
   captured layer input: <= 1e-6 * max(1, max |grad|) (measured <= 8e-9 abs, 2.7e-7 for z_loss
   whose gradient reaches 1.3: the router's logits are float32); with every aux weight 0 the
@@ -467,13 +469,60 @@ UPCYCLE_CASES = [(k, routing, dispatch) for routing in ("token", "image")
                  for k in (1, 2) for dispatch in ("capacity", "dropless")]
 
 
+def spread_routers_(model, images, text):
+    """Set every router so that step-0 routing reaches every expert of every MoE layer.
+
+    A random router sees mostly what all units share (the class embedding for image routing,
+    the common direction of the normalised text tokens): every image then picks the same
+    expert and some text experts get no token, so a wrong copy of that expert goes unseen.
+    Here, per MoE layer, with P the projection that removes the units' mean direction and c
+    the units' deviations from their mean: E anchor units a_e of distinct directions
+    (farthest-point in cosine) and router row e = P c_{a_e} / |P c_{a_e}|. The logit of
+    expert f for unit u is then <P c_{a_f}, P c_u> / |P c_{a_f}|, which is largest at f = e
+    for u = a_e (Cauchy-Schwarz): every expert is the first choice of its anchor at least.
+    The inputs of every MoE layer equal the dense model's whatever the routers are (that is
+    the property under test), so one capturing pass gives them. Function preservation holds
+    for any router, so this weakens nothing; the caller asserts tokens_per_expert > 0."""
+    store, handles = capture_inputs(model)
+    with torch.no_grad():
+        model.encode_image(images)
+        model.encode_text(text)
+    for h in handles:
+        h.remove()
+    for tower, i, mlp in moe_layers(model):
+        (hidden, pm), = store[(tower, i)]
+        s, b, d = hidden.shape
+        if mlp.cfg.routing == "image":
+            assert mlp.cfg.image_router_input == "cls"
+            units = hidden[0].double()                               # class token per image
+        else:
+            units = hidden.reshape(s * b, d).double()
+            if pm is not None:
+                units = units[pm.t().reshape(-1).bool()]             # real tokens only
+        m = units.mean(0)
+        m = m / m.norm()
+        dev = units - units.mean(0)
+        dev = dev - (dev @ m)[:, None] * m[None]                     # P c_u
+        unit_dir = dev / dev.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        anchors = [int(dev.norm(dim=1).argmax())]
+        while len(anchors) < mlp.cfg.num_experts:
+            closeness = (unit_dir @ unit_dir[anchors].t()).max(1).values
+            closeness[anchors] = float("inf")
+            anchors.append(int(closeness.argmin()))
+        w = unit_dir[anchors]                                        # [E, d]
+        w = w * (2.0 / (units @ w.t()).std())                        # logits of std ~2
+        with torch.no_grad():
+            mlp.router.wg.weight.copy_(w.to(mlp.router.wg.weight.dtype))
+        mlp.pop_stats()
+
+
 @pytest.fixture(scope="module")
 def dense_full(dist1):
     from trainer.models.state import full_state_dict
 
     dense, _ = make_model(dist1, [], seed=11)
     peers.perturb_(dense, seed=12)   # nonzero biases, non-unit norms
-    images, text = peers.sample_inputs(n=4, seed=13)
+    images, text = peers.sample_inputs(n=8, seed=13)  # image routing: 8 units for 4 experts
     with torch.no_grad():
         ref = dense.encode_image(images), dense.encode_text(text)
     return full_state_dict(dense, dist1), ref, (images, text)
@@ -495,11 +544,17 @@ def test_upcycle_preserves_function(dist1, dense_full, top_k, routing, dispatch)
     routers = [mlp.router.wg.weight for _, _, mlp in moe_layers(model)]
     assert len(routers) == 3 and all(w.abs().sum() > 0 for w in routers)
     model.eval()
+    spread_routers_(model, images, text)
     with torch.no_grad():
         di = max_diff(model.encode_image(images), ref_i)
         dt = max_diff(model.encode_text(text), ref_t)
-    stats = [mlp.pop_stats() for _, _, mlp in moe_layers(model)]
+    layers = moe_layers(model)
+    stats = [mlp.pop_stats() for _, _, mlp in layers]
     assert all(int(s["routes_kept"]) == int(s["routes_wanted"]) for s in stats)  # no drop
+    # every expert of every MoE layer served some token: a wrong copy of any expert shows
+    reached = {(t, i): s["tokens_per_expert"].tolist() for (t, i, _), s in zip(layers, stats)}
+    assert sorted({t for t, _ in reached}) == ["text", "vision"]
+    assert all(len(n) == 4 and min(n) > 0 for n in reached.values()), reached
     assert di <= 1e-6 and dt <= 1e-6, (di, dt)
 
 
@@ -515,11 +570,16 @@ def test_upcycle_default_router_init_preserves_function(dist1, dense_full):
     # default capacity (factor 2) keeps them all. (router_init=zeros ties every probability,
     # sends all tokens to one expert and drops half of them at this capacity.)
     assert cfg.model.vision.moe.router_init == "normal"
+    # (It does not reach every expert: the small default router routes by what the tokens
+    # share; measured text block 1: [23, 40, 8, 0]. test_upcycle_preserves_function does.)
     load_full_state_dict(model, upcycle_state_dict(full, cfg.model, seed=0), dist1)
     model.eval()
     with torch.no_grad():
         di = max_diff(model.encode_image(images), ref_i)
         dt = max_diff(model.encode_text(text), ref_t)
+    stats = [mlp.pop_stats() for _, _, mlp in moe_layers(model)]
+    assert len(stats) == 4
+    assert all(int(s["routes_kept"]) == int(s["routes_wanted"]) for s in stats)  # no drop
     assert di <= 1e-6 and dt <= 1e-6, (di, dt)
 
 
