@@ -106,7 +106,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, launch, layout) -> dict | 
     from trainer import checkpoint as ckpt
     from trainer.data import build_tokenizer
     from trainer.distributed import init_distributed
-    from trainer.distributed.collectives import default_device
+    from trainer.distributed.device import default_device
     from trainer.eval import evaluate
     from trainer.models.build import build_model
 
@@ -128,7 +128,7 @@ def evaluate_export(cfg: Config, directory: str) -> dict:
 
     from trainer import hub
     from trainer.eval import compute_metrics
-    from trainer.distributed.collectives import default_device
+    from trainer.distributed.device import default_device
     from trainer.eval.embed import embed_plain, eval_batches
 
     device = default_device()

@@ -102,13 +102,39 @@ def _checksums(ckpt: Path, rels: list[str]) -> dict:
     return dict(sorted(out.items()))
 
 
+# ---- weights in fp32, whatever the parameters' dtype
+def _fp32_weights(sharded: dict, optimizer: torch.optim.Optimizer | None) -> dict:
+    """The model's sharded state dict with fp32 data in place of low-precision parameters:
+    a parameter's fp32 master (trainer/optim.py MasterWeightAdamW) when the optimizer keeps
+    one, else an fp32 copy. Checkpoints therefore always hold fp32 weights, and a bf16 run
+    loads into its masters exactly. Returns {key: master} for the keys given a master."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    master_of = getattr(optimizer, "master_of", None)
+    by_ptr = {p.data_ptr(): p for p in getattr(optimizer, "model_params", [])}
+    masters = {}
+    for key, sh in sharded.items():
+        if not (isinstance(sh, ShardedTensor) and sh.data.is_floating_point()
+                and sh.data.dtype != torch.float32):
+            continue
+        param = by_ptr.get(sh.data.data_ptr())
+        master = master_of(param) if master_of and param is not None else None
+        if master is not None and master.shape == sh.data.shape:
+            sh.data = masters[key] = master
+        else:
+            sh.data = sh.data.float()
+    return masters
+
+
 # ---- optimizer state as ShardedTensors
 def _param_id_map(model_sharded: dict, optimizer: torch.optim.Optimizer) -> dict:
-    """Optimizer param index (torch's ``state_dict`` numbering) -> the param's ShardedTensor."""
+    """Optimizer param index (torch's ``state_dict`` numbering) -> the param's ShardedTensor
+    (a MasterWeightAdamW numbers its masters in the order of ``model_params``)."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
     from megatron.core.dist_checkpointing.optimizer import get_param_id_to_sharded_param_map
 
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+    params = getattr(optimizer, "model_params", None) or [
+        p for g in optimizer.param_groups for p in g["params"]]
     id_map = get_param_id_to_sharded_param_map(model_sharded, params)
     missing = [tuple(p.shape) for i, p in enumerate(params) if i not in id_map]
     if missing:
@@ -298,8 +324,9 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, config:
                 (partial / sub).mkdir(parents=True)
     C.barrier()
     metadata = dict(SHARDED_METADATA)
-    dist_checkpointing.save(model.sharded_state_dict(metadata=dict(metadata)),
-                            str(partial / "model"))
+    weights = model.sharded_state_dict(metadata=dict(metadata))
+    _fp32_weights(weights, optimizer)
+    dist_checkpointing.save(weights, str(partial / "model"))
     if optimizer is not None:
         dist_checkpointing.save(_optimizer_sharded_state(
             model.sharded_state_dict(metadata=dict(metadata)), optimizer),
@@ -402,7 +429,7 @@ def _verify_collective(ckpt: Path, manifest: dict) -> None:
 
 
 def _load_weights(ckpt: Path, manifest: dict, model: torch.nn.Module,
-                  layout: ParallelLayout) -> None:
+                  layout: ParallelLayout, optimizer: torch.optim.Optimizer | None = None) -> None:
     from megatron.core import dist_checkpointing
 
     saved = manifest["layout"]
@@ -414,8 +441,13 @@ def _load_weights(ckpt: Path, manifest: dict, model: torch.nn.Module,
                                                                   SHARDED_METADATA)))
     # dist_checkpointing raises on a tensor the checkpoint lacks; strict load_state_dict
     # catches anything the model has that the sharded dict did not cover.
+    masters = _fp32_weights(sharded, optimizer)
     state = dist_checkpointing.load(sharded, str(ckpt / "model"))
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True)  # casts to the parameters' dtype
+    with torch.no_grad():
+        for key, master in masters.items():
+            if state[key] is not master:
+                master.copy_(state[key])
 
 
 def load_model(path: str | Path, model: torch.nn.Module, layout: ParallelLayout) -> dict:
@@ -455,7 +487,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, layout: ParallelLa
     the schedule from ``manifest["train_state"]``."""
     ckpt = resolve(path)
     manifest = read_manifest(ckpt)
-    _load_weights(ckpt, manifest, model, layout)
+    _load_weights(ckpt, manifest, model, layout, optimizer)
     if optimizer is not None:
         if not manifest.get("optimizer") or not (ckpt / "optimizer").is_dir():
             raise CheckpointError(f"{ckpt}: saved without optimizer state (weights only); "

@@ -120,7 +120,7 @@ class ModelConfig:
     # SigLIP's learnable logit bias (the paper starts at -10 with logit_scale_init = log 10);
     # null: no bias parameter (the softmax CLIP loss has no use for one).
     logit_bias_init: float | None = None
-    params_dtype: str = "float32"  # float32 | bfloat16
+    params_dtype: str = "float32"  # float32 | bfloat16 (inference; training: train.precision)
     prompter: PrompterConfig = field(default_factory=PrompterConfig)
 
     def validate(self, key: str) -> None:
@@ -177,7 +177,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0      # on the true global norm over TP/PP/EP; 0: off
     max_logit_scale: float = 100.0  # CLIP clamps exp(logit_scale) at 100
-    precision: str = "auto"     # auto: bf16 autocast on CUDA, fp32 on CPU
+    # bf16: bf16 params + activations, fp32 master weights / moments / grad reduction;
+    # fp32; auto: bf16 on CUDA, fp32 on CPU (trainer/distributed/device.py)
+    precision: str = "auto"
     activation_checkpointing: bool = False  # recompute transformer blocks in backward
     # A step whose loss or gradient norm is not finite is skipped (no update) and counted;
     # this many in a row abort the run.

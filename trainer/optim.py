@@ -3,6 +3,13 @@
     opt = build_optimizer(model, cfg.train)
     set_lr(opt, lr_at(step, cfg.train)); opt.step()
 
+Mixed precision the megatron way: a model with bf16 parameters gets ``MasterWeightAdamW``,
+which keeps an fp32 master copy of every trainable parameter, steps AdamW (fp32 moments) on
+the masters with DDP's fp32 reduced gradients (``param.main_grad``), and writes the masters
+back into the bf16 parameters. No loss scaling (bf16 has fp32's exponent range).
+Checkpoints save the masters as the model's weights (trainer/checkpoint.py), so bf16 and fp32
+runs resume each other.
+
 Up to six param groups: (dense | expert | router) x (decay | no decay). A parameter's kind is
 the tag its module gave it (trainer/moe/names.py ``mark``); each group carries ``lr_mult``
 (``train.lr_mult_experts``, ``train.lr_mult_routers``), which ``set_lr`` applies.
@@ -14,7 +21,7 @@ import math
 import torch
 
 from trainer.config import TrainConfig
-from trainer.distributed.grads import unwrap
+from trainer.distributed.grads import grad_of, unwrap
 from trainer.moe.names import kind_of
 
 
@@ -40,8 +47,51 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     param_groups = [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0,
                      "lr_mult": mult[kind], "name": f"{kind}_{'decay' if decay else 'no_decay'}"}
                     for (kind, decay), ps in sorted(groups.items())]
-    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             fused=torch.cuda.is_available())
+    kind = MasterWeightAdamW if any(p.dtype != torch.float32 for g in param_groups
+                                    for p in g["params"]) else torch.optim.AdamW
+    return kind(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                fused=torch.cuda.is_available())
+
+
+class MasterWeightAdamW(torch.optim.AdamW):
+    """AdamW on fp32 masters of low-precision parameters (see the module docstring).
+
+    ``param_groups`` hold the masters; ``model_params`` lists the model's parameters in the
+    same order (the optimizer's state numbering), and ``master_of(p)`` finds a parameter's
+    master: the checkpoint code keys the moments by the model's parameters and saves and
+    loads the masters in place of the weights.
+    """
+
+    def __init__(self, param_groups: list[dict], **kwargs):
+        self.model_params = [p for g in param_groups for p in g["params"]]
+        self._masters = {id(p): p.detach().float().clone() for p in self.model_params}
+        groups = [dict(g, params=[self._masters[id(p)] for p in g["params"]])
+                  for g in param_groups]
+        super().__init__(groups, **kwargs)
+
+    def master_of(self, param: torch.nn.Parameter) -> torch.Tensor | None:
+        return self._masters.get(id(param))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        assert closure is None, "MasterWeightAdamW.step takes no closure"
+        for p in self.model_params:
+            g = grad_of(p)
+            self._masters[id(p)].grad = None if g is None else g.float()
+        super().step()
+        for p in self.model_params:
+            p.copy_(self._masters[id(p)])
+
+    @torch.no_grad()
+    def sync_params_from_masters(self) -> None:
+        """After the masters were loaded (checkpoint resume): the bf16 weights follow."""
+        for p in self.model_params:
+            p.copy_(self._masters[id(p)])
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none=set_to_none)
+        for p in self.model_params:
+            p.grad = None
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

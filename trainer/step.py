@@ -14,7 +14,6 @@ the last stage computes the loss.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import Iterator
 
@@ -22,16 +21,9 @@ import torch
 import torch.distributed as dist
 
 from trainer.config import Config, TrainConfig
+from trainer.distributed.collectives import max_over_expert_group
 from trainer.distributed.grads import unwrap
 from trainer.losses import clip_loss, region_text_loss, siglip_loss
-
-
-def autocast(cfg: TrainConfig):
-    """bf16 autocast on CUDA (``precision=auto|bf16``), or on CPU when asked for; fp32 else."""
-    cuda = torch.cuda.is_available()
-    if cfg.precision == "bf16" or (cfg.precision == "auto" and cuda):
-        return torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 # ------------------------------------------------------------------------------ forward
@@ -75,14 +67,24 @@ def route_labels(model: torch.nn.Module, labels: torch.Tensor | None) -> None:
             m.class_labels = labels
 
 
+def region_inputs(batch: dict) -> dict:
+    """The model's region arguments for a batch with regions: boxes, captions, the mask of
+    the present regions, and how many region-caption rows the text tower runs (packed: the
+    present regions only, padded to the largest count of the expert-parallel group, whose
+    all-to-alls need equal shapes). One host read of the count per microbatch."""
+    mask = batch["region_mask"]
+    return {"region_boxes": batch["region_boxes"], "region_text": batch["region_text"],
+            "region_mask": mask, "region_rows": max_over_expert_group(int(mask.sum()))}
+
+
 def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module, cfg: TrainConfig):
     batch = next(data_iterator)
     route_labels(model, batch.get("labels"))
     regions = cfg.region_loss_weight > 0 and "region_boxes" in batch
-    with autocast(cfg):
-        output = model(batch.get("images"), batch.get("text"),
-                       batch.get("region_boxes") if regions else None,
-                       batch.get("region_text") if regions else None)
+    # no autocast: the parameters' dtype (train.precision, trainer/distributed/device.py)
+    # is the compute dtype, as in megatron; the losses run in fp32
+    output = model(batch.get("images"), batch.get("text"),
+                   **(region_inputs(batch) if regions else {}))
     return output, functools.partial(compute_loss, batch=batch, cfg=cfg)
 
 

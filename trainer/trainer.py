@@ -25,7 +25,7 @@ from trainer.config import Config, config_to_dict
 from trainer.data import build_tokenizer
 from trainer.data.batches import Batches, to_device
 from trainer.distributed import init_distributed
-from trainer.distributed.collectives import default_device
+from trainer.distributed.device import default_device
 from trainer.distributed.grads import clip_grads, finalize_grads, wrap_ddp, zero_grads
 from trainer.distributed.layout import ParallelLayout
 from trainer.distributed.rng import rng_state, set_rng_state

@@ -13,7 +13,9 @@
   and aborts with exit code 4 after train.max_nonfinite_steps.
 """
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -165,3 +167,40 @@ def test_single_process_exit_codes(tmp_path):
     assert rc == 4 and "3 steps in a row" in out, out[-3000:]
     rows = [json.loads(x) for x in (tmp_path / "nan/metrics.jsonl").read_text().splitlines()]
     assert rows and all(r["step"] < 50 for r in rows)
+
+
+BF16_MOE = ["model.preset=tiny", "parallel.ep=2", "model.vision.moe.num_experts=4",
+            "model.vision.moe.every=2", "model.text.moe.num_experts=2", "model.text.moe.every=2",
+            "train.lr_schedule=constant", "train.warmup_steps=0", "train.lr=2e-3",
+            "train.log_every=1", "train.progress_bar=false", "train.tensorboard=false",
+            "train.steps=12", "checkpoint.save_every=6"]
+
+
+def test_bf16_moe_run_and_resume_in_fp32(tmp_path):
+    """2 ranks, EP=2, bf16 parameters with fp32 masters, synthetic batches (they repeat every 4
+    steps): the loss stays finite and falls (from 2.95 to ln 16 = 2.77, chance, in 12 steps:
+    leaving chance takes ~30 steps here; tests/unit/test_precision.py compares the bf16 curve
+    with the fp32 one). Its step-6 checkpoint (fp32 weights: the masters) resumes in an fp32
+    run, which continues from there."""
+    bf16 = tmp_path / "bf16"
+    rc, out = finish(start(torchrun_cmd(
+        2, "-m", "trainer.train", *BF16_MOE, "train.precision=bf16", f"run_dir={bf16}",
+        f"checkpoint.save_dir={bf16 / 'ckpt'}")))
+    assert rc == 0, out[-4000:]
+    got = losses(bf16)
+    assert sorted(got) == list(range(1, 13)) and all(map(math.isfinite, got.values())), got
+    assert sum(got[s] for s in (9, 10, 11, 12)) < sum(got[s] for s in (1, 2, 3, 4)) - 0.05, got
+    manifest = json.loads((bf16 / "ckpt/step_00000006/manifest.json").read_text())
+    assert manifest["optimizer"]["class"] == "MasterWeightAdamW"
+    # resume the step-6 checkpoint in fp32
+    fp32 = tmp_path / "fp32"
+    shutil.copytree(bf16 / "ckpt/step_00000006", fp32 / "ckpt/step_00000006")
+    (fp32 / "ckpt/latest").write_text("step_00000006\n")
+    rc, out = finish(start(torchrun_cmd(
+        2, "-m", "trainer.train", *BF16_MOE, "train.precision=fp32", f"run_dir={fp32}",
+        f"checkpoint.save_dir={fp32 / 'ckpt'}")))
+    assert rc == 0 and "at step 6" in out, out[-4000:]
+    resumed = losses(fp32)
+    assert sorted(resumed) == list(range(7, 13)), resumed
+    # the same weights and batches in another precision: bf16 rounding apart, the same losses
+    assert max(abs(resumed[s] - got[s]) for s in resumed) < 0.05, (resumed, got)

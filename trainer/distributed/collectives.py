@@ -13,11 +13,6 @@ import torch.distributed as dist
 log = logging.getLogger("upclip")
 
 
-def default_device() -> torch.device:
-    """CUDA when there is a GPU, else CPU: the one place that decides."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -75,3 +70,15 @@ def on_rank0(fn, *args, error_type: type[Exception] = RuntimeError, **kwargs):
     if error:
         raise error_type(error)
     return result
+
+
+def max_over_expert_group(n: int) -> int:
+    """The largest ``n`` of this rank's expert-parallel group (megatron's): sizes that the
+    MoE all-to-alls need equal on every member. ``n`` itself outside EP > 1."""
+    from megatron.core import parallel_state as ps
+
+    if not dist.is_initialized() or ps.get_expert_model_parallel_world_size() == 1:
+        return n
+    t = torch.tensor([n], dtype=torch.long)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ps.get_expert_model_parallel_group())
+    return int(t)

@@ -32,9 +32,17 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
+def grad_of(p: torch.nn.Parameter) -> torch.Tensor | None:
+    """The gradient the optimizer steps with: DDP's reduced fp32 ``main_grad`` when the
+    parameter has one (bf16 parameters keep their gradient there), else ``p.grad``."""
+    g = getattr(p, "main_grad", None)
+    return g if g is not None else p.grad
+
+
 def finalize_grads(model: torch.nn.Module, layout: ParallelLayout) -> None:
     """After backward: reduce the DDP buffers, then sum the routers over TP, and point every
-    ``param.grad`` at its reduced ``main_grad`` for the optimizer.
+    fp32 ``param.grad`` at its reduced ``main_grad`` for the optimizer (a bf16 parameter's
+    fp32 gradient stays in ``main_grad``: trainer/optim.py ``MasterWeightAdamW`` reads it).
 
     Routers at TP > 1 saw only their TP rank's share of the routing units and are marked
     ``sequence_parallel``; megatron sums those over TP only when the whole tower runs
@@ -46,7 +54,8 @@ def finalize_grads(model: torch.nn.Module, layout: ParallelLayout) -> None:
         flat_allreduce([p.main_grad for p in params if getattr(p, "sequence_parallel", False)],
                        layout.tp_group())
     for p in params:
-        p.grad = p.main_grad
+        if p.main_grad.dtype == p.dtype:
+            p.grad = p.main_grad
 
 
 def zero_grads(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -66,29 +75,41 @@ def flat_allreduce(grads: list[torch.Tensor], group) -> None:
         offset += g.numel()
 
 
+def _sum_of_squares(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """sum_g ||g||^2 in float64 on ``device``: one fused norm per dtype, no host read."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for same in by_dtype.values():
+        norms = torch._foreach_norm(same, 2.0)
+        total = total + torch.stack(norms).double().pow(2).sum()
+    return total
+
+
 def global_grad_norm(model: torch.nn.Module, layout: ParallelLayout) -> float:
     """L2 norm of the full model's gradient: TP shards summed, TP replicas counted once,
-    experts summed over their EP group, pipeline stages summed."""
+    experts summed over their EP group, pipeline stages summed. One reduction per process
+    group and one host read, whatever the number of parameters."""
     from megatron.core import parallel_state as ps
 
     model = unwrap(model)
-    sq = torch.zeros((), dtype=torch.float64)
-    sq_experts = torch.zeros((), dtype=torch.float64)
+    device = next(model.parameters()).device
+    dense, experts = [], []
     for p in model.parameters():
-        if p.grad is None:
+        g = grad_of(p)
+        if g is None:
             continue
         if not getattr(p, "allreduce", True):
-            sq_experts += p.grad.detach().double().pow(2).sum().cpu()
+            experts.append(g)
         elif getattr(p, "tensor_model_parallel", False) or layout.tp_rank == 0:
-            sq += p.grad.detach().double().pow(2).sum().cpu()
-    device = next(model.parameters()).device
+            dense.append(g)
+    sq_experts = _sum_of_squares(experts, device)
     if layout.ep > 1:
-        sq_experts = sq_experts.to(device)
         dist.all_reduce(sq_experts, group=layout.ep_group())
     # every TP rank of a stage now holds all of that stage's experts: count them once
-    sq = sq + sq_experts.cpu() / layout.tp
+    sq = _sum_of_squares(dense, device) + sq_experts / layout.tp
     if layout.tp * layout.pp > 1:
-        sq = sq.to(device)
         dist.all_reduce(sq, group=ps.get_model_parallel_group())
     return math.sqrt(float(sq))
 
@@ -98,8 +119,6 @@ def clip_grads(model: torch.nn.Module, layout: ParallelLayout, max_norm: float) 
     before clipping (nan/inf when a gradient is not finite: nothing is scaled then)."""
     norm = global_grad_norm(model, layout)
     if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
-        scale = max_norm / (norm + 1e-6)
-        for p in unwrap(model).parameters():
-            if p.grad is not None:
-                p.grad.mul_(scale)
+        grads = [g for g in map(grad_of, unwrap(model).parameters()) if g is not None]
+        torch._foreach_mul_(grads, max_norm / (norm + 1e-6))
     return norm

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.config import Config, ModelConfig, config_to_dict
-from trainer.distributed.collectives import default_device
+from trainer.distributed.device import default_device
 from trainer.distributed.layout import ParallelLayout
 from trainer.moe import names
 from trainer.moe.upcycle import dense_config, upcycle_state_dict

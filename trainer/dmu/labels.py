@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.config import Config
-from trainer.distributed.collectives import default_device
+from trainer.distributed.device import default_device
 from trainer.distributed.layout import ParallelLayout
 from trainer.dmu.config import DMUConfig
 from trainer.dmu.kmeans import kmeans

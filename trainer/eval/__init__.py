@@ -85,7 +85,8 @@ def evaluate(model, cfg, layout, tokenizer, tasks=None,
     if not (cfg.data.eval_urls or cfg.eval.csv):
         return None
     from trainer.eval.embed import embed_distributed
-    from trainer.step import autocast, unwrap
+    from trainer.distributed.device import eval_autocast
+    from trainer.distributed.grads import unwrap
 
     tasks = tuple(cfg.eval.tasks if tasks is None else tasks)
     with eval_mode(model):
@@ -95,7 +96,7 @@ def evaluate(model, cfg, layout, tokenizer, tasks=None,
         if emb is None:
             return None
         inner = unwrap(model)
-        with autocast(cfg.train):
+        with eval_autocast(cfg.train.precision):
             return compute_metrics(emb, cfg, inner.encode_text, tokenizer,
                                    next(inner.parameters()).device, tasks, names)
 

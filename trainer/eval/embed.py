@@ -220,13 +220,13 @@ def _padded(batch: dict | None, size: int, template: dict[str, torch.Tensor]) ->
 
 
 def _forward_step(data_iterator, model, text: bool, regions: bool, train_cfg):
-    from trainer.step import autocast
+    from trainer.distributed.device import eval_autocast
+    from trainer.step import region_inputs
 
     batch = next(data_iterator)
-    with autocast(train_cfg):
+    with eval_autocast(train_cfg.precision):
         out = model(batch["images"], batch["text"] if text else None,
-                    batch["region_boxes"] if regions else None,
-                    batch["region_text"] if regions else None)
+                    **(region_inputs(batch) if regions else {}))
 
     def collect(output):
         if isinstance(output, dict):  # the last stage

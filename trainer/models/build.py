@@ -9,12 +9,14 @@ and DMU use is built here.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
 from typing import Sequence
 
 import torch
 
 from trainer.config import Config, ModelConfig, ParallelConfig
+from trainer.distributed.device import params_dtype_name
 from trainer.distributed.layout import ParallelLayout
 from trainer.moe.names import TRAINABLE_SETS
 
@@ -49,8 +51,14 @@ def build_model(model_cfg: ModelConfig, layout: ParallelLayout, *,
 
 
 def build_for_training(cfg: Config, layout: ParallelLayout) -> torch.nn.Module:
-    """``build_model`` as a training run's config asks: its split, trainable set, recompute."""
-    return build_model(cfg.model, layout, parallel=cfg.parallel, trainable=cfg.train.trainable,
+    """``build_model`` as a training run's config asks: its split, trainable set, recompute,
+    and parameters in the dtype of ``train.precision`` (bf16: trainer/optim.py keeps fp32
+    masters)."""
+    model_cfg = cfg.model
+    dtype = params_dtype_name(cfg.train.precision)
+    if dtype != model_cfg.params_dtype:
+        model_cfg = dataclasses.replace(model_cfg, params_dtype=dtype)
+    return build_model(model_cfg, layout, parallel=cfg.parallel, trainable=cfg.train.trainable,
                        recompute=cfg.train.activation_checkpointing)
 
 

@@ -91,7 +91,7 @@ class VisionTower(MegatronModule):
         tokens too when ``return_tokens``); the ``[s, b, d]`` hidden states elsewhere."""
         x = None
         if self.pre_process:
-            x = self.conv1(images)                                  # [b, d, g, g]
+            x = self.conv1(images.to(self.conv1.weight.dtype))     # [b, d, g, g]
             x = x.flatten(2).transpose(1, 2)                        # [b, n, d]
             cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
             x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
@@ -130,6 +130,23 @@ class TextTower(MegatronModule):
                              padding_mask=real)
         x = self.ln_final(x.transpose(0, 1))                        # [b, l, d]
         return self.proj(x[torch.arange(x.shape[0], device=x.device), eot])  # [b, e]
+
+
+def pack_regions(region_text: torch.Tensor, mask: torch.Tensor | None, rows: int | None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Region captions ``[b, R, L]`` -> the rows the text tower runs and where they go back:
+    without a mask every slot (``[b*R, L]``, None); with one the present regions only, in
+    row-major order, then empty captions up to ``rows`` (``[max(n, rows), L]``, their indices
+    ``[n]`` in ``b*R``). Padding slots never reach the text tower."""
+    flat = region_text.flatten(0, 1)                                            # [b*R, L]
+    if mask is None:
+        return flat, None
+    keep = mask.flatten().nonzero().squeeze(1)                                  # [n]
+    packed = flat[keep]
+    extra = (rows or 0) - packed.shape[0]
+    if extra > 0:
+        packed = torch.cat([packed, packed.new_zeros(extra, packed.shape[1])])
+    return packed, keep
 
 
 def _stage_layers(tcfg: TransformerConfig) -> tuple[int, int]:
@@ -184,7 +201,8 @@ class CLIP(MegatronModule):
 
     def forward(self, images: torch.Tensor | None, text: torch.Tensor | None,
                 region_boxes: torch.Tensor | None = None,
-                region_text: torch.Tensor | None = None):
+                region_text: torch.Tensor | None = None,
+                region_mask: torch.Tensor | None = None, region_rows: int | None = None):
         regions = region_boxes is not None and hasattr(self, "prompter")
         x = self.visual(images, return_tokens=regions)
         if not self.post_process:
@@ -199,10 +217,13 @@ class CLIP(MegatronModule):
             return out
         pooled, tokens = x
         b, r = region_boxes.shape[:2]
-        # captions and region captions in one text-tower pass: [b + b*R, L] -> [b + b*R, e]
-        t = F.normalize(self.text(torch.cat([text, region_text.flatten(0, 1)])), dim=-1)
+        rows, keep = pack_regions(region_text, region_mask, region_rows)         # [n', L]
+        # captions and region captions in one text-tower pass: [b + n', L] -> [b + n', e]
+        t = F.normalize(self.text(torch.cat([text, rows])), dim=-1)
         out["image_features"] = F.normalize(pooled, dim=-1)
         out["text_features"] = t[:b]
-        out["region_text_features"] = t[b:].view(b, r, -1)                      # [b, R, e]
+        region_t = t[b:] if keep is None else t.new_zeros(b * r, t.shape[1]).index_copy(
+            0, keep, t[b:b + keep.numel()])                                     # [b*R, e]
+        out["region_text_features"] = region_t.view(b, r, -1)                   # [b, R, e]
         out["region_features"] = F.normalize(self.prompter(tokens, region_boxes), dim=-1)
         return out

@@ -17,6 +17,7 @@ import re
 import torch
 import torch.distributed as dist
 
+from trainer.distributed.grads import grad_of
 from trainer.distributed.layout import ParallelLayout
 
 _LAYER = re.compile(r"^(visual\.transformer\.layers\.)(\d+)\.(.*)$")
@@ -49,7 +50,7 @@ def full_state_dict(model: torch.nn.Module, layout: ParallelLayout,
     names = canonical_names(model)
     local = {}
     for name, p in model.named_parameters():
-        t = p.grad if grads else p.data
+        t = grad_of(p) if grads else p.data
         if t is None:
             t = torch.zeros_like(p.data)
         t = t.detach()
