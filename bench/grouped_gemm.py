@@ -4,11 +4,14 @@
     python bench/grouped_gemm.py --cpu                                 # reference, tiny shapes
 
 On CUDA: forward and forward+backward TFLOP/s of one grouped linear layer (x @ w[e] per group)
-for our extension, torch's grouped_mm, a loop of cuBLAS matmuls (the kernels reference), and one
-dense matmul of the same FLOPs; plus the fused expert MLP (fc1 + act + fc2) against the loop.
+for our extension, torch's grouped_mm called raw, kernels' torch backend (torch's grouped_mm
+with the row plan, padding masks and one-hot bias of kernels/torch_grouped.py), a loop of cuBLAS
+matmuls (the kernels reference), and one dense matmul of the same FLOPs; plus the expert MLP
+(fc1 + act + fc2) on the extension, the torch backend and the loop.
 Medians over CUDA events; results go to bench/results/grouped_gemm-<device>-<time>.json with the
 device, torch/CUDA versions and every shape. Without a GPU it refuses (no numbers are invented);
---cpu times only the reference at tiny shapes and prints them (no file unless --out).
+--cpu times the reference, the torch backend and raw grouped_mm at tiny fp32 shapes and prints
+them (no file unless --out).
 """
 from __future__ import annotations
 
@@ -95,13 +98,15 @@ def linear_impls(x, w, counts_list, device):
     counts_dev = torch.tensor(counts_list, device=device, dtype=torch.int32)
     counts_cpu = torch.tensor(counts_list)
     impls = {}
+    if device == "cuda" and kernels.extension_available():
+        impls["upclip_cuda"] = lambda: kernels.grouped_gemm(x, w, counts_dev, backend="cuda")
+    name, fn = grouped_mm_fn()
+    if fn is not None:
+        offs = torch.cumsum(counts_dev, 0, dtype=torch.int32)
+        impls[name] = lambda: fn(x, w, offs=offs)
+        impls["upclip_torch(grouped_mm)"] = lambda: kernels.grouped_gemm(x, w, counts_dev,
+                                                                        backend="torch")
     if device == "cuda":
-        if kernels.extension_available():
-            impls["upclip_cuda"] = lambda: kernels.grouped_gemm(x, w, counts_dev, backend="cuda")
-        name, fn = grouped_mm_fn()
-        if fn is not None:
-            offs = torch.cumsum(counts_dev, 0, dtype=torch.int32)
-            impls[name] = lambda: fn(x, w, offs=offs)
         dense_x = x[: sum(counts_list)]
         impls["dense_matmul_same_flops"] = lambda: dense_x @ w[0]
     impls["loop_cublas(reference)"] = lambda: kernels.grouped_gemm(x, w, counts_cpu,
@@ -116,6 +121,9 @@ def mlp_impls(x, w1, b1, w2, b2, counts_list, activation, device):
     if device == "cuda" and kernels.extension_available():
         impls["upclip_cuda"] = lambda: kernels.expert_mlp(x, w1, b1, w2, b2, counts_dev,
                                                           activation=activation, backend="cuda")
+    if grouped_mm_fn()[1] is not None:
+        impls["upclip_torch(grouped_mm)"] = lambda: kernels.expert_mlp(
+            x, w1, b1, w2, b2, counts_dev, activation=activation, backend="torch")
     impls["loop_cublas(reference)"] = lambda: kernels.expert_mlp(
         x, w1, b1, w2, b2, counts_cpu, activation=activation, backend="reference")
     return impls
@@ -167,7 +175,8 @@ def bench_case(d, ff, experts, rows_per_expert, kind, dtype, device, warmup, ite
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cpu", action="store_true", help="reference only, tiny shapes, no file")
+    parser.add_argument("--cpu", action="store_true",
+                        help="reference and torch backends, tiny fp32 shapes, no file")
     parser.add_argument("--quick", action="store_true", help="one shape, E=8, two row counts")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
@@ -209,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         "cuda": torch.version.cuda,
         "dtype": str(dtype),
         "extension": kernels.extension_status(),
+        "grouped_mm": grouped_mm_fn()[0] if grouped_mm_fn()[1] is not None else None,
         "timing": f"median of {args.iters} iters after {args.warmup} warmup "
                   f"({'CUDA events' if device == 'cuda' else 'perf_counter'})",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -19,7 +19,10 @@ Each of --repeats rounds (after --warmup untimed ones) times, per case, the dens
 layer, its router alone and its experts alone back to back, so that a shared CPU whose load
 drifts hits the pair alike; ratio = median over rounds of moe_ms / dense_ms of the same round.
 
-Cases: E in {4, 8} x {capacity (drop_tokens, capacity_factor 1.0 and 1.25), dropless}.
+Cases: E in {4, 8} (--experts) x {capacity (drop_tokens, capacity_factor 1.0 and 1.25),
+dropless} x the experts' kernels backends (--expert-backend, default auto; e.g.
+``--dtype bfloat16 --expert-backend reference torch`` compares the reference loop with torch's
+grouped mm in the same rounds; ``served_by`` records which backend ran).
 The issue's target is ratio <= 1.3. The JSON records the load average before and after.
 
 Breakdown (per case, from the inputs one real forward hands to each part, timed alone):
@@ -107,13 +110,14 @@ def build_dense(tcfg, device):
     return mlp.to(device)
 
 
-def build_moe(tcfg, experts: int, dispatch: str, factor: float | None, device):
+def build_moe(tcfg, experts: int, dispatch: str, factor: float | None, device,
+              backend: str = "auto"):
     from trainer.moe.config import MoEConfig
     from trainer.moe.layer import MoEMLP
 
     cfg = MoEConfig(num_experts=experts, every=1, top_k=1, router_init="normal",
                     capacity_factor=factor or 1.0, eval_capacity_factor=factor or 1.0,
-                    drop_tokens=True, dispatch=dispatch)
+                    drop_tokens=True, dispatch=dispatch, expert_backend=backend)
     cfg.validate("bench.moe", 1, "vision", 1)
     return MoEMLP(tcfg, moe=cfg, activation="gelu").to(device)  # experts/router start on CPU
 
@@ -224,7 +228,7 @@ def part_fns(moe, seen: dict) -> dict:
         r_in.grad = None
         routing, logits, probs, chosen = router(r_in, valid, cap_fn)
         losses = aux_losses(logits, probs, chosen, valid, cfg.global_threshold())
-        total = sum(getattr(cfg.aux, n) * losses[n] for n in AUX_LOSSES)
+        total = sum(getattr(cfg.aux, n) * losses[n] for n in AUX_LOSSES if n in losses)
         (total + routing.weights.sum()).backward()  # the combine weights' grad path
 
     def run_experts():
@@ -287,6 +291,8 @@ def hidden_shape(args, seq: int) -> tuple[int, int]:
 
 
 def bench_shape(name: str, args, dtype: torch.dtype, device: str) -> dict:
+    import kernels
+
     d, ffn, seq = SHAPES[name]
     tcfg = transformer_config(name, dtype)
     s, b = hidden_shape(args, seq)
@@ -297,12 +303,16 @@ def bench_shape(name: str, args, dtype: torch.dtype, device: str) -> dict:
 
     layers = {"dense": build_dense(tcfg, device)}
     cases = {}
-    for e in EXPERTS:
+    for e in args.experts:
         for dispatch, factor in DISPATCHES:
-            key = f"E{e}_{dispatch}" + (f"_cf{factor}" if factor else "")
-            layers[key] = build_moe(tcfg, e, dispatch, factor, device)
-            cases[key] = {"experts": e, "dispatch": dispatch, "capacity_factor": factor,
-                          "drop_tokens": dispatch == "capacity", "top_k": 1}
+            for backend in args.expert_backend:
+                key = f"E{e}_{dispatch}" + (f"_cf{factor}" if factor else "")
+                if len(args.expert_backend) > 1:
+                    key += f"@{backend}"
+                layers[key] = build_moe(tcfg, e, dispatch, factor, device, backend)
+                cases[key] = {"experts": e, "dispatch": dispatch, "capacity_factor": factor,
+                              "drop_tokens": dispatch == "capacity", "top_k": 1,
+                              "expert_backend": backend}
     for m in layers.values():
         m.train()
     step = {k: step_fn(m, x, dy) for k, m in layers.items()}
@@ -310,8 +320,11 @@ def bench_shape(name: str, args, dtype: torch.dtype, device: str) -> dict:
     for key in cases:
         moe = layers[key]
         moe.pop_stats()
+        calls = kernels.BACKEND_CALLS.copy()
         seen = capture_parts(moe, x)  # one forward: what the router and the experts receive
         facts[key] = routing_facts(moe, seen, tokens)
+        facts[key]["served_by"] = [b for (fn, b) in kernels.BACKEND_CALLS - calls
+                                   if fn == "expert_mlp"]
         case_fns[key] = {"moe": step[key], **part_fns(moe, seen)}
     print(f"[{name}] d={d} ffn={ffn} tokens={tokens} ([{s}, {b}, {d}]) dtype={dtype}: "
           f"{args.warmup} warmup + {args.repeats} timed rounds of dense/MoE/router/experts "
@@ -372,6 +385,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, help="timed rounds (default 5 cpu, 20 cuda)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (cpu only)")
+    p.add_argument("--experts", type=int, nargs="+", default=list(EXPERTS),
+                   help=f"expert counts (default {' '.join(map(str, EXPERTS))})")
+    p.add_argument("--expert-backend", nargs="+", default=["auto"],
+                   choices=["auto", "cuda", "torch", "reference"],
+                   help="kernels backend(s) of the experts (moe.expert_backend); several: each "
+                        "case once per backend, timed in the same rounds")
     p.add_argument("--no-profile", dest="profile", action="store_false")
     p.add_argument("--out", type=Path, help="JSON path (default bench/results/...)")
     args = p.parse_args(argv)

@@ -2,9 +2,11 @@
 
     from kernels import expert_mlp, grouped_gemm
 
-Runs anywhere through a pure-PyTorch reference; on CUDA bf16/fp16 tensors it uses the CUTLASS
-extension when it has been built (`python -m kernels.build`). Importing this package never
-loads or requires the extension. Layouts and semantics: kernels/README.md.
+Three backends: the CUTLASS extension on CUDA bf16/fp16 when it has been built (`python -m
+kernels.build`), torch's own grouped mm (kernels/torch_grouped.py: no host sync; CPU bf16/fp16,
+CUDA bf16 on Hopper/Blackwell) and a pure-PyTorch reference that runs anywhere; "auto" picks the
+first that fits. Importing this package never loads or requires the extension. Layouts and
+semantics: kernels/README.md.
 """
 from kernels._ext import (
     BUILD_COMMAND,
@@ -13,11 +15,12 @@ from kernels._ext import (
     extension_status,
 )
 from kernels.activations import ACTIVATIONS
-from kernels.api import BACKENDS, expert_mlp, grouped_gemm
+from kernels.api import BACKEND_CALLS, BACKENDS, SERVED_BY, expert_mlp, grouped_gemm
 from kernels.layout import linear_weights_to_grouped
 
 __all__ = [
     "ACTIVATIONS",
+    "BACKEND_CALLS",
     "BACKENDS",
     "BUILD_COMMAND",
     "ExtensionNotBuiltError",
@@ -26,4 +29,5 @@ __all__ = [
     "extension_status",
     "grouped_gemm",
     "linear_weights_to_grouped",
+    "SERVED_BY",
 ]

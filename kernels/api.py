@@ -1,15 +1,20 @@
 """Public API: grouped_gemm and expert_mlp, with backend dispatch.
 
 backend="auto"       the CUDA extension when it is built and the call fits it (CUDA tensors,
-                     all bf16 or all fp16, feature sizes multiples of 8, a supported GPU),
-                     else the PyTorch reference. Never raises for a missing extension.
+                     all bf16 or all fp16, feature sizes multiples of 8, a supported GPU);
+                     else torch's grouped mm when it runs the call without a host sync
+                     (kernels/torch_grouped.py: CPU bf16/fp16, CUDA bf16 on compute
+                     capability 9.x/10.x, one dtype, feature sizes 16-byte multiples); else
+                     the PyTorch reference. Never raises for a missing extension.
 backend="cuda"       the extension or an error: ExtensionNotBuiltError (how to build it) when
                      it is missing, ValueError (what does not fit) otherwise.
+backend="torch"      torch's grouped mm or a ValueError saying what does not fit; it also runs
+                     fp32, and on CUDA where torch itself loops with a host read.
 backend="reference"  the PyTorch reference (kernels/reference.py).
 
 BACKEND_CALLS counts the calls each backend served, by (function, backend), e.g.
-("expert_mlp", "cuda"): what "auto" chose is visible to tests, logs and benchmarks. It counts
-Python calls (one dict update each), not CUDA-graph replays.
+("expert_mlp", "torch"): what "auto" chose is visible to tests, logs, metrics and benchmarks.
+It counts Python calls (one dict update each), not CUDA-graph replays.
 """
 from __future__ import annotations
 
@@ -17,14 +22,15 @@ from collections import Counter
 
 import torch
 
-from kernels import _ext, reference
+from kernels import _ext, reference, torch_grouped
 from kernels.activations import activation_id
 from kernels.layout import check_counts, host_bounds
 
-BACKENDS = ("auto", "cuda", "reference")
+BACKENDS = ("auto", "cuda", "torch", "reference")
+SERVED_BY = ("cuda", "torch", "reference")  # what a call can be served by
 _CUDA_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _MAX_GROUPS = 4096  # csrc/elementwise.cu keeps every group's bounds in shared memory
-# calls served: ("grouped_gemm" | "expert_mlp", "cuda" | "reference") -> count
+# calls served: ("grouped_gemm" | "expert_mlp", "cuda" | "torch" | "reference") -> count
 BACKEND_CALLS: Counter = Counter()
 
 
@@ -42,16 +48,18 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, *,
     _check_weight(x2d, w, "w")
     _check_bias(bias, w, "bias")
     counts = check_counts(counts, x2d.shape[0], w.shape[0], stride)
-    if _use_cuda(backend, [x2d, w, bias], [w.shape[1], w.shape[2]], counts.numel()):
+    served = select_backend(backend, [x2d, w, bias], [w.shape[1], w.shape[2]], counts.numel())
+    if served == "cuda":
         from kernels import _cuda
 
         layout = _cuda.group_layout(counts, x2d, stride)
         y = _cuda.GroupedGemm.apply(x2d.contiguous(), w.contiguous(), _contiguous(bias), layout)
-        BACKEND_CALLS["grouped_gemm", "cuda"] += 1
+    elif served == "torch":
+        y = torch_grouped.grouped_gemm(x2d, w, bias, counts, stride)
     else:
         bounds = host_bounds(counts, x2d.shape[0], stride)
         y = reference.grouped_gemm_reference(x2d, w, bounds, bias)
-        BACKEND_CALLS["grouped_gemm", "reference"] += 1
+    BACKEND_CALLS["grouped_gemm", served] += 1
     return y.reshape(*lead, w.shape[2])
 
 
@@ -74,17 +82,19 @@ def expert_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: t
     _check_bias(b2, w2, "b2")
     counts = check_counts(counts, x2d.shape[0], w1.shape[0], stride)
     dims = [w1.shape[1], w1.shape[2], w2.shape[2]]
-    if _use_cuda(backend, [x2d, w1, b1, w2, b2], dims, counts.numel()):
+    served = select_backend(backend, [x2d, w1, b1, w2, b2], dims, counts.numel())
+    if served == "cuda":
         from kernels import _cuda
 
         layout = _cuda.group_layout(counts, x2d, stride)
         y = _cuda.ExpertMLP.apply(x2d.contiguous(), w1.contiguous(), _contiguous(b1),
                                   w2.contiguous(), _contiguous(b2), layout, act)
-        BACKEND_CALLS["expert_mlp", "cuda"] += 1
+    elif served == "torch":
+        y = torch_grouped.expert_mlp(x2d, w1, b1, w2, b2, counts, stride, activation)
     else:
         bounds = host_bounds(counts, x2d.shape[0], stride)
         y = reference.expert_mlp_reference(x2d, w1, b1, w2, b2, bounds, activation)
-        BACKEND_CALLS["expert_mlp", "reference"] += 1
+    BACKEND_CALLS["expert_mlp", served] += 1
     return y.reshape(*lead, w2.shape[2])
 
 
@@ -140,19 +150,28 @@ def _cuda_misfits(tensors: list[torch.Tensor | None], dims: list[int], groups: i
     return why
 
 
-def _use_cuda(backend: str, tensors: list[torch.Tensor | None], dims: list[int],
-              groups: int) -> bool:
+def select_backend(backend: str, tensors: list[torch.Tensor | None], dims: list[int],
+                   groups: int) -> str:
+    """The backend that serves a call ("cuda" | "torch" | "reference"), or the error of an
+    explicit backend that cannot: tensors [x, weight, bias, ...] (biases may be None), dims
+    the feature sizes, groups the number of row groups. Host-side checks only."""
     if backend not in BACKENDS:
         raise ValueError(f"kernels: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "reference":
-        return False
+        return "reference"
+    if backend == "torch":
+        why = torch_grouped.misfits(tensors, dims, auto=False)
+        if why:
+            raise ValueError("kernels: backend='torch' cannot run this call: " + "; ".join(why))
+        return "torch"
     if backend == "auto":
-        if not tensors[0].is_cuda:
-            return False  # CPU never loads the extension
-        module, _ = _ext.load()
-        return module is not None and not _cuda_misfits(tensors, dims, groups, module)
+        if tensors[0].is_cuda:  # CPU never loads the extension
+            module, _ = _ext.load()
+            if module is not None and not _cuda_misfits(tensors, dims, groups, module):
+                return "cuda"
+        return "reference" if torch_grouped.misfits(tensors, dims, auto=True) else "torch"
     module = _ext.extension()  # raises ExtensionNotBuiltError with the build command
     why = _cuda_misfits(tensors, dims, groups, module)
     if why:
         raise ValueError("kernels: backend='cuda' cannot run this call: " + "; ".join(why))
-    return True
+    return "cuda"

@@ -10,7 +10,8 @@
 
 No megatron-core, no DeepSpeed, no process group: torch, safetensors, this repo's config
 dataclasses, its routing rules (trainer/moe/routing.py) and ``kernels`` (the experts run
-through ``kernels.expert_mlp``: the CUDA extension when built, else the PyTorch reference).
+through ``kernels.expert_mlp`` with backend "auto": the CUDA extension when built, else
+torch's grouped mm for bf16/fp16, else the PyTorch reference).
 ``tools/convert_checkpoint.py export --to moe`` writes the directory:
 
     config.json        {"format": "upclip", "format_version": 1, "model": <ModelConfig>,
@@ -63,8 +64,8 @@ class HubError(ValueError):
 # --------------------------------------------------------------------------- MoE
 
 class Experts(nn.Module):
-    """Stacked expert FFNs (kernels' layout), run by ``kernels.expert_mlp`` grouped by expert:
-    its CUDA extension when built and the call fits, else the PyTorch reference."""
+    """Stacked expert FFNs (kernels' layout), run by ``kernels.expert_mlp`` grouped by expert
+    (backend "auto", kernels/README.md)."""
 
     def __init__(self, num: int, d: int, f: int, act: str):
         super().__init__()

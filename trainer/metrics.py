@@ -1,5 +1,6 @@
 """What a run reports: JSONL metrics, TensorBoard scalars, a progress bar, MoE routing
-statistics per layer, throughput and model FLOPs utilisation.
+statistics per layer, which kernels backend ran the experts, throughput and model FLOPs
+utilisation.
 
 Only the reporting rank (last pipeline stage, TP rank 0, DP rank 0) writes; every rank joins
 the collectives that bring the MoE statistics to it.
@@ -11,11 +12,13 @@ import logging
 import math
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+import kernels
 from trainer.config import Config
 from trainer.distributed.layout import ParallelLayout
 
@@ -97,6 +100,23 @@ def moe_layer_stats(model: torch.nn.Module, layout: ParallelLayout) -> dict[str,
     from megatron.core import parallel_state as ps
     dist.all_gather_object(gathered, local, group=ps.get_pipeline_model_parallel_group())
     return {k: v for part in gathered for k, v in part.items()}
+
+
+def expert_calls(before: Counter) -> Counter:
+    """kernels.expert_mlp calls per backend since the snapshot ``before`` of
+    ``kernels.BACKEND_CALLS`` (host counters: no device work)."""
+    return Counter({b: n for (fn, b), n in (kernels.BACKEND_CALLS - before).items()
+                    if fn == "expert_mlp"})
+
+
+def backend_calls(calls: Counter, device: torch.device) -> dict[str, int]:
+    """``{"cuda": n, "torch": n, "reference": n}``: expert-MLP calls per kernels backend,
+    summed over every rank (every MoE layer of every stage). Collective over the world."""
+    vec = torch.tensor([float(calls.get(b, 0)) for b in kernels.SERVED_BY],
+                       dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(vec)
+    return {b: int(v) for b, v in zip(kernels.SERVED_BY, vec.tolist())}
 
 
 class MetricsLogger:

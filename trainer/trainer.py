@@ -15,11 +15,13 @@ import json
 import logging
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+import kernels
 from trainer import checkpoint, optim, step as S
 from trainer.config import Config, config_to_dict
 from trainer.data import build_tokenizer
@@ -31,7 +33,8 @@ from trainer.distributed.layout import ParallelLayout
 from trainer.distributed.rng import rng_state, set_rng_state
 from trainer.eval import evaluate, format_metrics
 from trainer.eval.embed import EvalSetError
-from trainer.metrics import MetricsLogger, model_flops_per_sample, moe_layer_stats, peak_flops
+from trainer.metrics import (MetricsLogger, backend_calls, expert_calls, model_flops_per_sample,
+                             moe_layer_stats, peak_flops)
 from trainer.models.build import build_for_training
 from trainer.signals import EXIT_NONFINITE, EXIT_REQUEUE, StopSignals, stop_signals_blocked
 
@@ -100,6 +103,8 @@ class Trainer:
         self.signals = signals or StopSignals()
         self.history: list[float] = []
         self.evals: list[dict] = []
+        self.has_moe = cfg.model.vision.moe.enabled or cfg.model.text.moe.enabled
+        self.expert_calls: Counter = Counter()  # training expert calls since the last log
 
     # ---- the loop
 
@@ -154,7 +159,9 @@ class Trainer:
         microbatches = [to_device(b, self.device, self.cfg) for b in self.batches.next(step)]
         lr = optim.lr_at(step, t)
         optim.set_lr(self.optimizer, lr)
+        calls_before = kernels.BACKEND_CALLS.copy()
         out = S.forward_backward(self.ddp, microbatches, self.cfg)
+        self.expert_calls += expert_calls(calls_before)
         finalize_grads(self.ddp, self.layout)
         norm = clip_grads(self.ddp, self.layout, t.grad_clip)
         # a signal that arrives after this point is acted on at the next step
@@ -180,6 +187,8 @@ class Trainer:
             torch.distributed.all_reduce(vec, group=layout.dp_group())
             out = dict(zip(out, (vec / layout.dp).tolist()))
         moe = moe_layer_stats(self.model, layout)
+        calls = backend_calls(self.expert_calls, self.device) if self.has_moe else None
+        self.expert_calls.clear()
         if not self.reporter:
             return
         rate = self.samples_per_step / r.seconds
@@ -191,6 +200,8 @@ class Trainer:
             rec["mfu"] = self.flops * rate / (self.peak * layout.world_size)
         if moe:
             rec["moe"] = moe
+        if calls is not None:  # which kernels backend ran the experts (all ranks, all layers)
+            rec["moe/backend_calls"] = calls
         self.metrics.log(step, rec)
         self.metrics.progress(step, out["loss"], rate)
         self.history.append(out["loss"])

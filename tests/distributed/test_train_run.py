@@ -246,12 +246,19 @@ BF16_MOE = ["model.preset=tiny", "parallel.ep=2", "model.vision.moe.num_experts=
             "train.steps=12", "checkpoint.save_every=6"]
 
 
+def backend_calls(run_dir: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["moe/backend_calls"] for r in rows if "moe/backend_calls" in r]
+
+
 def test_bf16_moe_run_and_resume_in_fp32(tmp_path):
     """2 ranks, EP=2, bf16 parameters with fp32 masters, synthetic batches (they repeat every 4
     steps): the loss stays finite and falls (from 2.95 to ln 16 = 2.77, chance, in 12 steps:
     leaving chance takes ~30 steps here; tests/unit/test_precision.py compares the bf16 curve
-    with the fp32 one). Its step-6 checkpoint (fp32 weights: the masters) resumes in an fp32
-    run, which continues from there."""
+    with the fp32 one). Every expert call of the bf16 run is served by torch's grouped mm, none
+    by the reference loop (``moe/backend_calls`` of the metrics: both ranks, every MoE layer;
+    fp32 on CPU stays on the reference). Its step-6 checkpoint (fp32 weights: the masters)
+    resumes in an fp32 run, which continues from there."""
     bf16 = tmp_path / "bf16"
     rc, out = finish(start(torchrun_cmd(
         2, "-m", "trainer.train", *BF16_MOE, "train.precision=bf16", f"run_dir={bf16}",
@@ -260,6 +267,9 @@ def test_bf16_moe_run_and_resume_in_fp32(tmp_path):
     got = losses(bf16)
     assert sorted(got) == list(range(1, 13)) and all(map(math.isfinite, got.values())), got
     assert sum(got[s] for s in (9, 10, 11, 12)) < sum(got[s] for s in (1, 2, 3, 4)) - 0.05, got
+    calls = backend_calls(bf16)
+    # per step: 2 ranks x 2 MoE layers (one per tower) x 1 microbatch, all on torch's grouped mm
+    assert calls == [{"cuda": 0, "torch": 4, "reference": 0}] * 12, calls
     manifest = json.loads((bf16 / "ckpt/step_00000006/manifest.json").read_text())
     assert manifest["optimizer"]["class"] == "MasterWeightAdamW"
     # resume the step-6 checkpoint in fp32
@@ -272,5 +282,6 @@ def test_bf16_moe_run_and_resume_in_fp32(tmp_path):
     assert rc == 0 and "at step 6" in out, out[-4000:]
     resumed = losses(fp32)
     assert sorted(resumed) == list(range(7, 13)), resumed
+    assert backend_calls(fp32) == [{"cuda": 0, "torch": 0, "reference": 4}] * 6
     # the same weights and batches in another precision: bf16 rounding apart, the same losses
     assert max(abs(resumed[s] - got[s]) for s in resumed) < 0.05, (resumed, got)

@@ -92,3 +92,11 @@ def test_activation_names_are_the_kernels_table():
     from trainer.config import ACTIVATIONS
 
     assert ACTIVATIONS == KERNEL_ACTIVATIONS
+
+
+def test_expert_backend_names_are_the_kernels_backends():
+    """trainer/moe/config.py keeps its own tuple (no torch import there): kernels' names."""
+    import kernels
+    from trainer.moe.config import EXPERT_BACKENDS
+
+    assert EXPERT_BACKENDS == kernels.BACKENDS

@@ -413,6 +413,9 @@ def test_aux_loss_gradient_reaches_router(dist1, aux):
      "model.vision.moe.num_experts=4 is not divisible by parallel.ep=3"),
     (["model.vision.moe.num_experts=4", "model.vision.moe.layers=[0, 2]"],
      "model.vision.moe.layers"),
+    (["model.vision.moe.num_experts=4", "model.vision.moe.every=1",
+      "model.vision.moe.expert_backend=triton"],
+     "model.vision.moe.expert_backend='triton': expected one of auto, cuda, torch, reference"),
 ])
 def test_moe_config_errors_name_the_key(overrides, needle):
     from trainer.config import ConfigError, load_config

@@ -33,10 +33,12 @@ def dense_mlp_spec() -> ModuleSpec:
         linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear))
 
 
-def moe_mlp_spec(moe, activation: str) -> ModuleSpec:
-    """The MoE MLP (trainer/moe/layer.py) in place of the dense one."""
+def moe_mlp_spec(moe, activation: str, tower: str = "") -> ModuleSpec:
+    """The MoE MLP (trainer/moe/layer.py) in place of the dense one; ``tower`` names it in
+    logs ("vision" / "text")."""
     from trainer.moe.layer import MoEMLP
-    return ModuleSpec(module=MoEMLP, params={"moe": moe, "activation": activation})
+    return ModuleSpec(module=MoEMLP, params={"moe": moe, "activation": activation,
+                                             "tower": tower})
 
 
 CORE_ATTENTION = {"sdpa": SDPAttention, "unfused": DotProductAttention}  # model.attention
@@ -47,7 +49,8 @@ def tower_layer_specs(tower, causal: bool, first: int, count: int,
     """Specs of blocks ``first .. first+count-1`` of a tower (global block indices, so a
     pipeline stage knows which of its blocks are MoE)."""
     moe_layers = set(tower.moe.moe_layers(tower.layers))
-    return [clip_layer_spec(causal, moe_mlp_spec(tower.moe, tower.act) if i in moe_layers
+    name = "text" if causal else "vision"
+    return [clip_layer_spec(causal, moe_mlp_spec(tower.moe, tower.act, name) if i in moe_layers
                             else None, attention) for i in range(first, first + count)]
 
 

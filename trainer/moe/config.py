@@ -22,6 +22,8 @@ ROUTER_INITS = ("normal", "zeros")
 DISPATCHES = ("capacity", "dropless")
 ROUTINGS = ("token", "image")
 IMAGE_ROUTER_INPUTS = ("cls", "mean")
+# kernels.BACKENDS (kernels/api.py; equal, tested): who runs the experts' grouped MLP
+EXPERT_BACKENDS = ("auto", "cuda", "torch", "reference")
 
 
 @dataclass
@@ -49,6 +51,9 @@ class MoEConfig:
     min_capacity: int = 4
     drop_tokens: bool = True      # capacity mode only; False: capacity = the busiest expert's load
     dispatch: str = "capacity"    # capacity (DeepSpeed buffers + all-to-all) | dropless (ragged)
+    # auto: the CUDA extension when built and the call fits, else torch's grouped mm where it
+    # runs without a host sync (CPU bf16/fp16, CUDA bf16 on sm90/sm100), else the reference loop
+    expert_backend: str = "auto"  # auto | cuda | torch | reference (kernels/README.md)
     noisy_gate: str = "none"      # none | jitter (multiplicative, on inputs) | rsample (Gumbel)
     # normal: small random logits, so step-0 routing spreads tokens over the experts. zeros
     # ties every probability at 1/E: top-k then sends every token to the same experts, which
@@ -112,7 +117,8 @@ class MoEConfig:
                 raise err(f"{name}={getattr(self, name)} must be > 0")
         if self.min_capacity < 0:
             raise err(f"min_capacity={self.min_capacity} must be >= 0")
-        for name, allowed in (("dispatch", DISPATCHES), ("noisy_gate", NOISY_GATES),
+        for name, allowed in (("dispatch", DISPATCHES), ("expert_backend", EXPERT_BACKENDS),
+                              ("noisy_gate", NOISY_GATES),
                               ("router_init", ROUTER_INITS), ("routing", ROUTINGS),
                               ("image_router_input", IMAGE_ROUTER_INPUTS)):
             if getattr(self, name) not in allowed:

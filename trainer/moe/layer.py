@@ -45,7 +45,8 @@ AUX_LOSSES = ("load_balance", "z_loss", "entropy_local", "entropy_global", "supe
 
 
 class MoEMLP(MegatronModule):
-    def __init__(self, config: TransformerConfig, moe: MoEConfig, activation: str, **_):
+    def __init__(self, config: TransformerConfig, moe: MoEConfig, activation: str,
+                 tower: str = "", **_):
         super().__init__(config=config)
         group = use_megatron_groups()
         self.cfg = moe
@@ -61,14 +62,17 @@ class MoEMLP(MegatronModule):
         router.wg.weight.sequence_parallel = True
         names.mark(router.wg.weight, "router")
         experts = GroupedExperts(num_local, config.hidden_size, config.ffn_hidden_size,
-                                 activation, config.init_method_std, config.params_dtype, group)
+                                 activation, config.init_method_std, config.params_dtype, group,
+                                 backend=moe.expert_backend)
         for p in experts.parameters():
             names.mark(p, "expert")
         # DeepSpeed's MOELayer owns the gate and the experts: the attribute is names.DISPATCH,
         # so the state keys are names.ROUTER and names.EXPERTS + w1 ... (as in DeepSpeed's MoE).
         self.deepspeed_moe = CapacityDispatch(router, experts, self.ep, num_local)
         self.deepspeed_moe._set_ep_group(self.ep_group)
-        self.layer_number = 0
+        self.layer_number, self.tower = 0, tower
+        # the experts' backend is logged by the first rank of each pipeline stage only
+        self.logs_backend = ps.get_data_parallel_rank() == 0 and self.tp_rank == 0
         self.stats: dict[str, torch.Tensor] = {}
         # super-class guided routing: class label -> expert, and this microbatch's labels
         self.uses_class_labels = moe.aux.superclass > 0
@@ -86,7 +90,9 @@ class MoEMLP(MegatronModule):
         return self.deepspeed_moe.experts
 
     def set_layer_number(self, layer_number: int) -> None:
-        self.layer_number = layer_number
+        self.layer_number = layer_number  # megatron's, 1-based
+        if self.logs_backend:
+            self.experts.log_name = f"{self.tower or 'layer'}.{layer_number - 1}"
 
     # ---- forward
 

@@ -60,6 +60,14 @@ def multiplicative_jitter(x: torch.Tensor, epsilon: float = JITTER_EPS) -> torch
 
 # ---- the rules -------------------------------------------------------------------------------
 
+def _one_hot(index: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``F.one_hot`` without its host reads: one_hot checks min/max of ``index`` on the host
+    (two ``.item()``s, a device sync each on GPU). A comparison with ``arange`` gives the same
+    int64 one-hot for indices in range and an all-zero row for any other (e.g. -1)."""
+    classes = torch.arange(num_classes, device=index.device)
+    return (index.unsqueeze(-1) == classes).long()
+
+
 def router_logits(x: torch.Tensor, weight: torch.Tensor, noise: str = "none",
                   training: bool = False) -> torch.Tensor:
     """Router input x [U, d], weight [E, d] -> fp32 logits [U, E]."""
@@ -91,7 +99,7 @@ def assign(experts: torch.Tensor, valid: torch.Tensor, num_experts: int,
     u, k = experts.shape
     experts = torch.where(valid[:, None], experts, -1)
     order = experts.t().reshape(-1)                             # [k*U]: all 1st, then all 2nd
-    onehot = F.one_hot(order.clamp_min(0), num_experts) * (order >= 0)[:, None]
+    onehot = _one_hot(order, num_experts)                      # -1 (no route): a zero row
     slots = (onehot.cumsum(0) - 1).gather(1, order.clamp_min(0)[:, None]).squeeze(1)
     slots = slots.view(k, u).t()                                # [U, k]
     if capacity is not None:
@@ -165,7 +173,7 @@ def aux_losses(logits: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor,
     w = valid.to(probs.dtype)
     n = w.sum().clamp_min(1.0)
     mean_p = (probs * w[:, None]).sum(0) / n                    # [E]
-    picks = F.one_hot(chosen, e).to(probs.dtype).sum(1)         # [U, E]
+    picks = _one_hot(chosen, e).to(probs.dtype).sum(1)          # [U, E]
     frac = (picks * w[:, None]).sum(0) / (n * chosen.shape[1])  # [E]
     return {
         "load_balance": e * (frac * mean_p).sum(),
