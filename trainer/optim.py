@@ -113,9 +113,15 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         g["lr"] = lr * g.get("lr_mult", 1.0)
 
 
-def clamp_logit_scale(model: torch.nn.Module, max_scale: float) -> None:
-    """CLIP clamps the learned temperature: exp(logit_scale) <= max_scale."""
+def clamp_logit_scale(model: torch.nn.Module, max_scale: float,
+                      optimizer: torch.optim.Optimizer | None = None) -> None:
+    """CLIP clamps the learned temperature: exp(logit_scale) <= max_scale (on the fp32 master
+    too when ``optimizer`` keeps one, or the next step would undo the clamp)."""
     model = unwrap(model)
     if hasattr(model, "logit_scale"):
+        master_of = getattr(optimizer, "master_of", None)
+        master = master_of(model.logit_scale) if master_of else None
         with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(max_scale))
+            for t in (model.logit_scale, master):
+                if t is not None:
+                    t.clamp_(0, math.log(max_scale))

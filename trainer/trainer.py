@@ -169,7 +169,7 @@ class Trainer:
             out is None or math.isfinite(out["loss"])))
         if finite:
             self.optimizer.step()
-            optim.clamp_logit_scale(self.model, t.max_logit_scale)
+            optim.clamp_logit_scale(self.model, t.max_logit_scale, self.optimizer)
         zero_grads(self.ddp, self.optimizer)
         return StepResult(out, norm, lr, finite, stop, time.time() - ts)
 

@@ -1,6 +1,8 @@
 """Mixed precision (train.precision=bf16): bf16 parameters, fp32 masters and moments
 (trainer/optim.py MasterWeightAdamW), checkpoints in fp32 that fp32 and bf16 runs resume
 from each other exactly (the masters are the saved weights)."""
+import math
+
 import pytest
 import torch
 
@@ -95,3 +97,15 @@ def test_checkpoint_resumes_across_precisions(tmp_path, dist1, first, second):
                            (g for grp in opt.param_groups for g in grp["params"])]
     for a, b in zip(moments(opt_a), moments(opt_b)):
         assert b.dtype == torch.float32 and torch.equal(a, b)
+
+
+def test_logit_scale_clamp_reaches_the_master(dist1):
+    from trainer.optim import clamp_logit_scale
+
+    cfg = cfg_of("bf16")
+    model = build_for_training(cfg, dist1)
+    opt = build_optimizer(model, cfg.train)
+    master = opt.master_of(model.logit_scale)
+    master.fill_(10.0)
+    clamp_logit_scale(model, 100.0, opt)
+    assert float(master) == pytest.approx(math.log(100.0))
