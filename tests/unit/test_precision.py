@@ -66,11 +66,13 @@ def test_bf16_params_fp32_masters_and_moments(dist1):
 
 
 def test_bf16_curve_follows_fp32(dist1):
-    """The same init and batches: bf16 training tracks fp32 (measured max diff 1e-3 over 16
-    steps of the tiny model; bound 2e-2)."""
+    """The same init and batches: bf16 training tracks fp32. The first step differs only by
+    bf16 rounding of the forward (measured 0.4% relative; bound 1%), the curve over 6 steps of
+    the tiny MoE model by at most 1.1% (bound 3%)."""
     *_, fp32 = train(cfg_of("fp32"), dist1, 6)
     *_, bf16 = train(cfg_of("bf16"), dist1, 6)
-    assert max(abs(a - b) for a, b in zip(fp32, bf16)) < 2e-2, (fp32, bf16)
+    rel = [abs(a - b) / abs(a) for a, b in zip(fp32, bf16)]
+    assert rel[0] < 1e-2 and max(rel) < 3e-2, (fp32, bf16)
     assert fp32[0] != fp32[-1]
 
 
