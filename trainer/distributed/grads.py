@@ -33,10 +33,12 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def grad_of(p: torch.nn.Parameter) -> torch.Tensor | None:
-    """The gradient the optimizer steps with: DDP's reduced fp32 ``main_grad`` when the
-    parameter has one (bf16 parameters keep their gradient there), else ``p.grad``."""
-    g = getattr(p, "main_grad", None)
-    return g if g is not None else p.grad
+    """The gradient the optimizer steps with: ``p.grad`` when set (``finalize_grads`` points an
+    fp32 parameter's at its reduced ``main_grad``), else DDP's fp32 ``main_grad`` (a bf16
+    parameter's gradient stays there), else None."""
+    if p.grad is not None:
+        return p.grad
+    return getattr(p, "main_grad", None)
 
 
 def finalize_grads(model: torch.nn.Module, layout: ParallelLayout) -> None:
