@@ -111,6 +111,13 @@ class Trainer:
     def train(self) -> dict:
         """Steps until ``train.steps``, a stop signal or too many non-finite steps."""
         t, ckpt = self.cfg.train, self.cfg.checkpoint
+        if self.state["step"] and self.state["step"] >= t.steps:  # resumed at or past the end
+            self.log_rank0(logging.INFO, "checkpoint at step %d already reaches train.steps=%d: "
+                           "nothing to train (raise train.steps to continue)",
+                           self.state["step"], t.steps)
+            self.signals.restore()
+            self.metrics.close()
+            return {"losses": [], "evals": [], "exit_code": 0, "step": self.state["step"]}
         if self.state["step"] == 0:
             self.run_eval(0)
         step, nonfinite_run, exit_code = self.state["step"], 0, 0

@@ -18,8 +18,9 @@
   after the restart equals the uninterrupted run's within 1e-6 (measured: identical).
 - SIGUSR1 to one rank: both ranks finish the step, save, exit with EXIT_REQUEUE (3); the
   restarted job continues to the same losses (1e-6).
-- One process: SIGUSR1 gives exit code 3; a run whose loss goes non-finite skips its steps
-  and aborts with exit code 4 after train.max_nonfinite_steps.
+- One process: SIGUSR1 gives exit code 3 (rerun with a smaller train.steps: one line saying
+  the checkpoint already reaches it, exit 0, no step); a run whose loss goes non-finite skips
+  its steps and aborts with exit code 4 after train.max_nonfinite_steps.
 """
 import json
 import math
@@ -231,6 +232,16 @@ def test_single_process_exit_codes(tmp_path):
     rc, out = finish(proc)
     assert rc == 3, out[-3000:]
     assert (tmp_path / "sig/ckpt/latest").is_file()
+    # resumed past train.steps: one line saying why nothing ran, exit 0, no step taken
+    saved = int((tmp_path / "sig/ckpt/latest").read_text().strip().split("_")[-1])
+    rows_before = (tmp_path / "sig/metrics.jsonl").read_text()
+    rc, out = finish(single([f"run_dir={tmp_path / 'sig'}",
+                             f"checkpoint.save_dir={tmp_path / 'sig/ckpt'}", "train.steps=1"]))
+    assert rc == 0, out[-3000:]
+    assert (f"checkpoint at step {saved} already reaches train.steps=1: nothing to train "
+            "(raise train.steps to continue)") in out, out[-3000:]
+    assert "done: step" not in out
+    assert (tmp_path / "sig/metrics.jsonl").read_text() == rows_before
     # an absurd learning rate: the loss goes non-finite, steps are skipped, then exit 4
     rc, out = finish(single([f"run_dir={tmp_path / 'nan'}", "train.steps=50", "train.lr=1.0e+30",
                              "train.grad_clip=0", "train.max_nonfinite_steps=3"]))
