@@ -2,7 +2,8 @@
 
 The command line only: the loop is trainer/trainer.py. Runs as one process, under torchrun,
 srun or mpirun (see trainer/distributed/launch.py). Bad configs and layouts fail before any
-heavy import, with one line naming the problem. Exit codes: 0 done, 2 bad input,
+heavy import, with one line naming the problem (local shards of data.train_urls /
+data.eval_urls that do not exist too). Exit codes: 0 done, 2 bad input,
 3 (``EXIT_REQUEUE``) stopped by SIGUSR1/SIGTERM after saving, 4 too many non-finite steps in a
 row.
 """
@@ -13,6 +14,7 @@ import logging
 import sys
 
 from trainer.config import Config, ConfigError, load_config
+from trainer.data.urls import check_local_shards
 from trainer.distributed.launch import LaunchError, read_launch_env
 from trainer.distributed.layout import LayoutError, ParallelLayout
 
@@ -33,6 +35,12 @@ def prepare(argv) -> tuple[Config, "object", ParallelLayout]:
     cfg = load_config(args.config, args.overrides)
     launch = read_launch_env()
     layout = ParallelLayout(launch.world_size, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep)
+    for key in ("train_urls", "eval_urls"):  # a typo'd shard path: one line, not an empty epoch
+        if getattr(cfg.data, key):
+            try:
+                check_local_shards(getattr(cfg.data, key), f"data.{key}")
+            except (OSError, ValueError) as e:  # also: a missing list file, ${NAME} unset
+                raise ConfigError(str(e)) from None
     return cfg, launch, layout
 
 

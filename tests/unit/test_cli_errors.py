@@ -51,3 +51,32 @@ def test_bad_input_one_line(args, env, needle):
     assert needle in lines[0]
     assert "Traceback" not in p.stderr
     assert seconds < 15
+
+
+@pytest.mark.parametrize("key,spec,first", [
+    ("data.train_urls", "/nonexistent/s-{0..3}.tar",
+     "4 of 4 local shards do not exist (first: /nonexistent/s-0.tar, /nonexistent/s-1.tar, "
+     "/nonexistent/s-2.tar, ...)"),
+    ("data.eval_urls", "/nonexistent/e-{0..1}.tar::pipe:cat /nonexistent/r.tar",
+     "2 of 2 local shards do not exist (first: /nonexistent/e-0.tar, /nonexistent/e-1.tar)"),
+])
+def test_missing_local_shards_one_line_before_heavy_imports(key, spec, first):
+    """Checked in trainer.train's prepare, before torch/megatron: issue 21 asks < 5 s (measured
+    2.9 s here); asserted < 10 s, this CI machine being shared and loaded."""
+    p, seconds = run(["-m", "trainer.train", "--config", "configs/smoke.yaml", "parallel.ep=1",
+                      "data.train_urls=", "data.eval_urls=", f"{key}={spec}"])
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.splitlines() == [f"error: {key}: {first}"], p.stderr
+    assert seconds < 10, seconds
+
+
+def test_check_local_shards_skips_remote_and_accepts_existing(tmp_path):
+    from trainer.data.urls import check_local_shards
+    for i in range(2):
+        (tmp_path / f"s-{i}.tar").write_bytes(b"")
+    check_local_shards(f"{tmp_path}/s-{{0..1}}.tar::file://{tmp_path}/s-0.tar::"
+                       "pipe:cat /nonexistent/x.tar::https://example.invalid/{0..3}.tar::"
+                       "s3://bucket/y.tar")
+    with pytest.raises(FileNotFoundError, match=rf"data.eval_urls: 1 of 3 local shards do not "
+                       rf"exist \(first: {tmp_path}/s-2.tar\)"):
+        check_local_shards(f"{tmp_path}/s-{{0..2}}.tar", "data.eval_urls")

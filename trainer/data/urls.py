@@ -1,13 +1,53 @@
-"""Shard URL expansion: brace patterns, "::" lists, list files, directories, pipe: commands."""
+"""Shard URL expansion: brace patterns, "::" lists, list files, directories, pipe: commands.
+
+Torch-free (webdataset's package imports torch): trainer/train.py checks local shards with it
+before any heavy import.
+"""
 from __future__ import annotations
 
 import glob
 import os
 import re
 
-from webdataset.shardlists import expand_urls as _wds_expand
+import braceexpand
 
 LIST_FILE_SUFFIXES = (".txt", ".list", ".lst")
+
+
+def _wds_expand(spec: str) -> list[str]:
+    """webdataset.shardlists.expand_urls (1.0): split on "::", substitute ${NAME} with the
+    environment variable WDS_NAME (repeatedly, up to 10 levels), expand braces."""
+    def lookup(m: re.Match) -> str:
+        name = "WDS_" + m.group(1)
+        if name not in os.environ:
+            raise ValueError(f"{spec!r}: ${{{m.group(1)}}} needs the environment variable {name}")
+        return os.environ[name]
+
+    out: list[str] = []
+    for url in spec.split("::"):
+        for _ in range(10):
+            last, url = url, re.sub(r"\$\{(\w+)\}", lookup, url)
+            if url == last:
+                break
+        out.extend(braceexpand.braceexpand(url))
+    return out
+
+
+def is_remote(url: str) -> bool:
+    """pipe:, http(s)://, s3:// and other schemes (not file:): read by webdataset's gopen."""
+    return ":" in url.split("/", 1)[0] and not url.startswith("file:")
+
+
+def check_local_shards(spec: str | list[str], key: str = "data.train_urls") -> None:
+    """Raise FileNotFoundError naming the first local shards of ``spec`` that do not exist
+    (after the expansion the pipeline does; remote URLs are not checked)."""
+    urls = expand_urls(spec, key)
+    local = [re.sub(r"^file:(//)?", "", u) for u in urls if not is_remote(u)]
+    missing = [u for u in local if not os.path.exists(u)]
+    if missing:
+        first = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise FileNotFoundError(f"{key}: {len(missing)} of {len(local)} local shards do not "
+                                f"exist (first: {first})")
 
 
 def expand_urls(spec: str | list[str], key: str = "data.train_urls") -> list[str]:
@@ -30,7 +70,7 @@ def expand_urls(spec: str | list[str], key: str = "data.train_urls") -> list[str
 
 
 def _expand_one(url: str, key: str) -> list[str]:
-    if ":" in url.split("/", 1)[0] and not url.startswith("file:"):  # pipe:, http:, s3:, ...
+    if is_remote(url):
         return [url]
     path = re.sub(r"^file:(//)?", "", url)
     if path.endswith(LIST_FILE_SUFFIXES):
