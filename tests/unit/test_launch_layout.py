@@ -60,7 +60,7 @@ def _scontrol_hostnames(nodelist):
 def test_expand_hostlist_matches_scontrol(nodelist):
     ref = _scontrol_hostnames(nodelist)
     if ref is None:
-        pytest.skip("scontrol absent or without a Slurm config (tests/slurm/cluster.sh sets one up)")
+        pytest.skip("scontrol absent or unconfigured (tests/slurm/cluster.sh sets one up)")
     assert expand_hostlist(nodelist) == ref
 
 
