@@ -28,6 +28,12 @@ from trainer.data.urls import expand_urls  # noqa: E402
 from trainer.data.writer import OutputExistsError, ShardSink, check_fresh_output  # noqa: E402
 
 
+def usage_error(message: str) -> None:
+    """Bad input: one ``error: ...`` line naming the flag or file, exit 2 (argparse's status)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def valid_region(r: object) -> bool:
     if not isinstance(r, dict) or not isinstance(r.get("caption"), str) or not r["caption"].strip():
         return False
@@ -80,8 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=("replace", "append"), default="replace")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-
-    urls = expand_urls(args.shards, "--shards")
+    if not os.path.isfile(args.regions):
+        usage_error(f"--regions {args.regions}: no such file")
+    try:
+        urls = expand_urls(args.shards, "--shards")
+    except (FileNotFoundError, ValueError) as e:
+        usage_error(str(e).splitlines()[0] if str(e) else f"--shards {args.shards}: no shards")
     try:
         check_fresh_output(args.out)
     except OutputExistsError as e:

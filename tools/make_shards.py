@@ -64,11 +64,43 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def usage_error(message: str) -> None:
+    """Bad input: one ``error: ...`` line naming the flag or file, exit 2 (argparse's status)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def validate(args: argparse.Namespace) -> None:
+    if args.shard_size <= 0:
+        usage_error(f"--shard-size={args.shard_size} must be > 0")
+    if args.source == "synthetic":
+        if args.count <= 0:
+            usage_error(f"--count={args.count} must be > 0")
+        if args.size < 8:
+            usage_error(f"--size={args.size} must be >= 8")
+        if args.min_shapes < 1 or args.max_shapes < args.min_shapes:
+            usage_error(f"--min-shapes={args.min_shapes} --max-shapes={args.max_shapes}: need "
+                    "1 <= min <= max")
+    elif args.source == "fashion-mnist":
+        n = 60000 if args.split == "train" else 10000
+        if args.count < 0:
+            usage_error(f"--count={args.count} must be >= 0 (0: the whole split)")
+        if not 0 <= args.offset < n:
+            usage_error(f"--offset={args.offset} must be in [0, {n}) for --split {args.split}")
+        if args.size < 1:
+            usage_error(f"--size={args.size} must be > 0")
+    else:
+        if not os.path.isdir(args.images):
+            usage_error(f"--images {args.images}: no such directory")
+        if not os.path.isfile(args.captions):
+            usage_error(f"--captions {args.captions}: no such file")
+        if args.regions is not None and not os.path.isfile(args.regions):
+            usage_error(f"--regions {args.regions}: no such file")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.shard_size <= 0:
-        print(f"--shard-size={args.shard_size} must be > 0", file=sys.stderr)
-        return 2
+    validate(args)
     try:
         check_fresh_output(args.out)
     except OutputExistsError as e:

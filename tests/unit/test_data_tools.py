@@ -7,6 +7,8 @@ import importlib.util
 import io
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +77,48 @@ def test_synthetic_scenes_deterministic_and_boxes_match_pixels(tmp_path):
         for x0, y0, x1, y1 in d.boxes.astype(int):
             fg[y0:y1, x0:x1] = False
         assert not fg.any()  # no shape pixel outside every box
+
+
+BAD_ARGS = [
+    ("make_shards", ["synthetic", "--count", "-5"], "--count=-5"),
+    ("make_shards", ["folder", "--images", "{tmp}", "--captions", "{tmp}/missing.csv"],
+     "--captions {tmp}/missing.csv"),
+    ("add_regions", ["--shards", "{tmp}/s-{{000000..000001}}.tar", "--regions",
+                     "{tmp}/missing.jsonl"], "--regions {tmp}/missing.jsonl"),
+    # the rest in-process (a subprocess costs seconds of imports each)
+    ("make_shards", ["synthetic", "--count", "0"], "--count=0"),
+    ("make_shards", ["synthetic", "--count", "3", "--shard-size", "0"], "--shard-size=0"),
+    ("make_shards", ["synthetic", "--count", "3", "--size", "0"], "--size=0"),
+    ("make_shards", ["synthetic", "--count", "3", "--min-shapes", "3", "--max-shapes", "2"],
+     "--max-shapes=2"),
+    ("make_shards", ["fashion-mnist", "--count", "-1"], "--count=-1"),
+    ("make_shards", ["fashion-mnist", "--split", "test", "--offset", "10000"], "--offset=10000"),
+    ("make_shards", ["folder", "--images", "{tmp}/nodir", "--captions", "{tmp}/c.csv"],
+     "--images {tmp}/nodir"),
+    ("make_shards", ["folder", "--images", "{tmp}", "--captions", "{tmp}/c.csv", "--regions",
+                     "{tmp}/r.jsonl"], "--regions {tmp}/r.jsonl"),
+    ("add_regions", ["--shards", "{tmp}/list.txt", "--regions", "{tmp}/c.csv"], "list.txt"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(BAD_ARGS)))
+def test_tools_reject_bad_arguments_in_one_line(tmp_path, capsys, case):
+    tool, args, names = BAD_ARGS[case]
+    (tmp_path / "c.csv").write_text("image,caption\n")
+    out = tmp_path / "out"
+    args = [a.format(tmp=tmp_path) for a in args] + ["--out", str(out), "--quiet"]
+    names = names.format(tmp=tmp_path)
+    if case < 3:
+        r = subprocess.run([sys.executable, str(ROOT / "tools" / f"{tool}.py"), *args],
+                           capture_output=True, text=True, timeout=120)
+        rc, err = r.returncode, r.stderr
+    else:
+        with pytest.raises(SystemExit) as e:
+            {"make_shards": make_shards, "add_regions": add_regions}[tool].main(args)
+        rc, err = e.value.code, capsys.readouterr().err
+    assert rc == 2, err
+    assert err.count("\n") == 1 and err.startswith("error: ") and names in err, err
+    assert not out.exists()
 
 
 def test_refuses_to_overwrite(tmp_path, capsys):

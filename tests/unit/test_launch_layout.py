@@ -1,6 +1,9 @@
+import shutil
+import subprocess
+
 import pytest
 
-from trainer.distributed.launch import LaunchError, first_host, read_launch_env
+from trainer.distributed.launch import LaunchError, expand_hostlist, first_host, read_launch_env
 from trainer.distributed.layout import LayoutError, ParallelLayout
 
 
@@ -27,6 +30,44 @@ def test_slurm_env():
     ("rack1-n[0003-0010]", "rack1-n0003")])
 def test_first_host(nodelist, first):
     assert first_host(nodelist) == first
+    assert first_host(nodelist, use_scontrol=False) == first
+
+
+HOSTLISTS = {
+    "node[1-2]-ib": ["node1-ib", "node2-ib"],
+    "rack[1-2]-node[01-04]": [f"rack{r}-node0{n}" for r in (1, 2) for n in range(1, 5)],
+    "a,b[3-4]": ["a", "b3", "b4"],
+    "gpu[003-005,9],cpu1": ["gpu003", "gpu004", "gpu005", "gpu9", "cpu1"],
+    "n[08-10]x,m": ["n08x", "n09x", "n10x", "m"],
+}
+
+
+@pytest.mark.parametrize("nodelist", sorted(HOSTLISTS))
+def test_expand_hostlist_suffixes_and_several_ranges(nodelist):
+    assert expand_hostlist(nodelist) == HOSTLISTS[nodelist]
+    assert first_host(nodelist, use_scontrol=False) == HOSTLISTS[nodelist][0]
+    assert first_host(nodelist) == HOSTLISTS[nodelist][0]  # scontrol when it works, else the same
+
+
+def _scontrol_hostnames(nodelist):
+    if not shutil.which("scontrol"):
+        return None
+    r = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)
+    return r.stdout.split() if r.returncode == 0 else None
+
+
+@pytest.mark.parametrize("nodelist", sorted(HOSTLISTS))
+def test_expand_hostlist_matches_scontrol(nodelist):
+    ref = _scontrol_hostnames(nodelist)
+    if ref is None:
+        pytest.skip("scontrol absent or unconfigured (tests/slurm/cluster.sh sets one up)")
+    assert expand_hostlist(nodelist) == ref
+
+
+@pytest.mark.parametrize("bad", ["a[1-", "a[x]", "a,,b", "a[3-1]", "a]b["])
+def test_expand_hostlist_rejects_bad_lists(bad):
+    with pytest.raises(LaunchError, match="SLURM_JOB_NODELIST"):
+        expand_hostlist(bad)
 
 
 def test_mpi_envs():

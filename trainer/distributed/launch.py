@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import subprocess
 from dataclasses import dataclass, replace
 from typing import Mapping
 
@@ -43,19 +45,83 @@ def _int(env: Mapping[str, str], name: str) -> int:
         raise LaunchError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def first_host(nodelist: str) -> str:
-    """First host of a SLURM hostlist: ``"gpu[003-005,9],cpu1"`` -> ``"gpu003"``."""
+def expand_hostlist(nodelist: str) -> list[str]:
+    """Every host of a SLURM hostlist, in Slurm's order, without calling ``scontrol``.
+
+    Brackets hold comma lists of numbers and ranges (zero padding kept: ``[08-10]``), text may
+    follow a bracket (``node[1-2]-ib``), several bracket groups form a cartesian product with the
+    first group outermost (``rack[1-2]-node[01-02]``), and top-level commas separate hosts
+    (``a,b[3-4]``).
+    """
+    hosts: list[str] = []
+    for item in _split_top_level(nodelist):
+        parts: list[list[str]] = []
+        for m in re.finditer(r"([^\[\]]*)(?:\[([^\[\]]*)\])?", item):
+            if m.group(0) == "":
+                continue
+            parts.append([m.group(1)])
+            if m.group(2) is not None:
+                parts.append(_expand_bracket(m.group(2), nodelist))
+        combos = [""]
+        for choices in parts:
+            combos = [c + x for c in combos for x in choices]
+        hosts.extend(combos)
+    return hosts
+
+
+def _split_top_level(nodelist: str) -> list[str]:
+    items, depth, cur = [], 0, ""
+    for ch in nodelist:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        if depth < 0 or depth > 1:
+            raise LaunchError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}: unbalanced brackets")
+        if ch == "," and depth == 0:
+            items.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if depth != 0:
+        raise LaunchError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}: unbalanced brackets")
+    items.append(cur)
+    if any(not i.strip() for i in items):
+        raise LaunchError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}: empty host")
+    return [i.strip() for i in items]
+
+
+def _expand_bracket(body: str, nodelist: str) -> list[str]:
+    out: list[str] = []
+    for piece in body.split(","):
+        m = re.fullmatch(r"\s*(\d+)(?:-(\d+))?\s*", piece)
+        if not m or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
+            raise LaunchError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}: bad range [{body}]")
+        lo, hi = m.group(1), m.group(2) if m.group(2) is not None else m.group(1)
+        width = len(lo) if lo.startswith("0") else 0
+        out.extend(str(i).zfill(width) for i in range(int(lo), int(hi) + 1))
+    return out
+
+
+def first_host(nodelist: str, use_scontrol: bool = True) -> str:
+    """First host of a SLURM hostlist: ``"gpu[003-005,9],cpu1"`` -> ``"gpu003"``.
+
+    Asks ``scontrol show hostnames`` when it is on PATH and succeeds (Slurm's own parser), else
+    expands the list with :func:`expand_hostlist`.
+    """
     nodelist = nodelist.strip()
     if not nodelist:
         raise LaunchError("SLURM_JOB_NODELIST is empty")
-    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
-    if not m:
-        raise LaunchError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}")
-    prefix, ranges = m.group(1), m.group(2)
-    if ranges is None:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
+    if use_scontrol and shutil.which("scontrol"):
+        try:
+            r = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                               text=True, timeout=10)
+            lines = r.stdout.split()
+            if r.returncode == 0 and lines:
+                return lines[0]
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return expand_hostlist(nodelist)[0]
 
 
 def _port(env: Mapping[str, str], fallback: int) -> int:
