@@ -8,6 +8,7 @@ This module imports neither torch nor megatron so a broken config fails in well 
 from __future__ import annotations
 
 import copy
+import json
 import dataclasses
 import types
 import typing
@@ -397,9 +398,13 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return from_dict(tp, value, key)
     origin = typing.get_origin(tp)
     if origin in (list, tuple):
+        (item,) = typing.get_args(tp)[:1] or (Any,)
+        if item is str and (not isinstance(value, (list, tuple))
+                            or any(isinstance(v, (dict, list, tuple)) or v is None for v in value)):
+            raise ConfigError(f"{key} expects a list of strings; quote items: "
+                              f"'{key}={_quoted_list_example(value)}'")
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}={value!r}: expected a list")
-        (item,) = typing.get_args(tp)[:1] or (Any,)
         return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -436,6 +441,19 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     else:
         raise ConfigError(f"{key}: unsupported field type {tp}")
     raise ConfigError(f"{key}={value!r}: expected {tp.__name__}")
+
+
+def _quoted_list_example(value: Any) -> str:
+    """The JSON-quoted list a user most likely meant by ``value`` (the raw text YAML refused,
+    e.g. ``[a photo of a {}, a {}]``, or what YAML made of it)."""
+    if isinstance(value, str):
+        inner = value.strip()
+        if inner.startswith("[") and inner.endswith("]"):
+            inner = inner[1:-1]
+        items = [t.strip() for t in inner.split(",") if t.strip()] or ["..."]
+    else:
+        items = ["..."]
+    return json.dumps(items)
 
 
 def parse_overrides(items: list[str]) -> dict:

@@ -100,3 +100,21 @@ def test_expert_backend_names_are_the_kernels_backends():
     from trainer.moe.config import EXPERT_BACKENDS
 
     assert EXPERT_BACKENDS == kernels.BACKENDS
+
+
+def test_list_override_with_braces_and_spaces_parses():
+    cfg = load_config(overrides=['eval.templates=["a photo of a {}", "a {}"]'])
+    assert cfg.eval.templates == ["a photo of a {}", "a {}"]
+
+
+@pytest.mark.parametrize("text, example", [
+    ("[a photo of a {}]", '["a photo of a {}"]'),
+    ("[a photo of a {}, a {}]", '["a photo of a {}", "a {}"]'),
+    ("a photo of a {}", '["a photo of a {}"]'),
+    ("[{}]", '["..."]'),
+])
+def test_unquoted_list_override_error_shows_quoting(text, example):
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=[f"eval.templates={text}"])
+    assert str(e.value) == (f"eval.templates expects a list of strings; quote items: "
+                            f"'eval.templates={example}'")
