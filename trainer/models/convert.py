@@ -10,6 +10,8 @@ experts: an MoE state dict goes to them only through ``merge_experts`` (trainer/
 """
 from __future__ import annotations
 
+import logging
+import math
 import re
 
 import torch
@@ -120,7 +122,27 @@ def _import(sd: dict, cfg: ModelConfig, top: dict, towers: tuple, block: dict, r
                     out[f"{a}{o}.{suffix}"] = _take(sd, f"{b}{t}.{suffix}", source)
                 out[f"{a}{_QKV}.{suffix}"] = qkv_stacked_to_megatron(
                     read_qkv(sd, b, suffix), heads)
+    key = "visual.positional_embedding"
+    if key in out:
+        out[key] = resize_pos_embed(out[key], cfg.vision.image_size // cfg.vision.patch_size)
     return {k: v.detach().clone().float() for k, v in out.items()}
+
+
+def resize_pos_embed(pos: torch.Tensor, grid: int) -> torch.Tensor:
+    """``[1 + g*g, D]`` vision positional embedding -> ``[1 + grid*grid, D]``: class token kept,
+    the grid resized as open_clip's ``resize_pos_embed`` does (bicubic, antialias,
+    align_corners=False)."""
+    if pos.shape[0] == grid * grid + 1:
+        return pos
+    old = math.isqrt(pos.shape[0] - 1)
+    if old * old + 1 != pos.shape[0]:
+        raise ValueError(f"visual.positional_embedding has {pos.shape[0]} rows: not 1 + a square grid")
+    logging.getLogger(__name__).info("resizing the vision positional embedding grid from "
+                                     "%dx%d to %dx%d", old, old, grid, grid)
+    img = pos[1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    img = torch.nn.functional.interpolate(img, size=(grid, grid), mode="bicubic",
+                                          antialias=True, align_corners=False)
+    return torch.cat([pos[:1], img.permute(0, 2, 3, 1).reshape(grid * grid, -1)], dim=0)
 
 
 def _export(full: dict, cfg: ModelConfig, top: dict, towers: tuple, block: dict, write_qkv,
