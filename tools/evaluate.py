@@ -14,8 +14,14 @@ The model, data transform and tokenizer settings come from the config saved in t
 ``key=value`` overrides go on top (``data.eval_batch_size=256``, ``eval.tasks=[retrieval]``,
 ``eval.templates=[...]``). The layout defaults to tp=pp=ep=1 whatever it was trained at (the
 checkpoint reshards on load); every process beyond tp*pp is data parallel and evaluates a part
-of the set. Without ``--eval-urls``/``--csv``, the run's own eval set (``data.eval_urls`` or
-``eval.csv``) is used.
+of the set. Without ``--eval-urls``/``--csv``, the run's own eval sets (``data.eval_urls`` or
+``eval.csv``, and ``eval.sets``) are used; ``--eval-urls`` accepts clip_benchmark's
+webdataset split (a folder with nshards.txt). Several sets in one call, each reported under
+``sets.<name>``:
+
+  python tools/evaluate.py --exported exports/b16 \
+      'eval.sets={imagenet: {urls: wds_imagenet1k/test, classnames: imagenet,
+                 templates: openai_imagenet}, coco: {urls: wds_mscoco/test, tasks: [retrieval]}}'
 
 ``--exported DIR`` (``tools/convert_checkpoint.py export --to moe``: config.json +
 model.safetensors) runs trainer/hub.py's plain-PyTorch model in one process, with the image
@@ -78,6 +84,8 @@ def build_config(args: argparse.Namespace) -> tuple[Config, dict]:
     top: dict = {"parallel": {"tp": 1, "pp": 1, "ep": 1, "vision_layers_last_stage": -1},
                  "checkpoint": {"load": "", "upcycle_from": "", "save_dir": ""}}
     raw = deep_merge(deep_merge(saved, top), _eval_set(args))
+    if args.eval_urls or args.csv:  # the set given here replaces the run's eval sets
+        raw.setdefault("eval", {})["sets"] = {}
     return config_from_saved(deep_merge(raw, parse_overrides(args.overrides))), manifest
 
 
@@ -87,8 +95,9 @@ def build_export_config(args: argparse.Namespace) -> tuple[Config, dict]:
     from trainer.hub import read_config
 
     export = read_config(args.exported)
-    if not (args.eval_urls or args.csv):
-        raise ConfigError("--exported needs --eval-urls or --csv (an export carries no eval set)")
+    if not (args.eval_urls or args.csv or any(o.startswith("eval.sets") for o in args.overrides)):
+        raise ConfigError("--exported needs --eval-urls, --csv or eval.sets (an export carries "
+                          "no eval set)")
     pre, model = export.get("preprocess", {}), export["model"]
     data = {"image_size": pre.get("image_size", model["vision"]["image_size"]),
             "tokenizer": dict(export["tokenizer"],
@@ -100,14 +109,15 @@ def build_export_config(args: argparse.Namespace) -> tuple[Config, dict]:
     return config_from_saved(deep_merge(raw, parse_overrides(args.overrides))), export
 
 
-def evaluate_checkpoint(cfg: Config, checkpoint: str, launch, layout) -> dict | None:
+def evaluate_checkpoint(cfg: Config, sets: list, checkpoint: str, launch, layout) -> dict | None:
     """Collective. Builds this rank's part of the model, loads the checkpoint (any saved
-    layout) and evaluates; the metrics on the reporting rank, None elsewhere."""
+    layout) and evaluates each eval set; the report on the reporting rank, None elsewhere."""
     from trainer import checkpoint as ckpt
     from trainer.data import build_tokenizer
     from trainer.distributed import init_distributed
     from trainer.distributed.device import default_device
     from trainer.eval import evaluate
+    from trainer.eval.sets import run_sets
     from trainer.models.build import build_model
 
     init_distributed(launch)
@@ -117,31 +127,38 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, launch, layout) -> dict | 
     model = build_model(cfg.model, layout, parallel=cfg.parallel, inference=True)
     model.to(default_device())
     ckpt.load_model(checkpoint, model, layout)
-    result = evaluate(model, cfg, layout, build_tokenizer(cfg.data.tokenizer))
+    tokenizer = build_tokenizer(cfg.data.tokenizer)
     reporter = layout.is_last_stage and layout.tp_rank == 0 and layout.dp_rank == 0
-    return result if reporter else None
+    report = run_sets(sets, lambda c: evaluate(model, c, layout, tokenizer))
+    return report if reporter else None
 
 
-def evaluate_export(cfg: Config, directory: str) -> dict:
-    """One process: trainer/hub.py's model of ``directory`` through ``embed_plain``."""
+def evaluate_export(sets: list, directory: str) -> dict:
+    """One process: trainer/hub.py's model of ``directory`` through ``embed_plain``, on each
+    eval set."""
     import torch
 
     from trainer import hub
     from trainer.eval import compute_metrics
     from trainer.distributed.device import default_device
     from trainer.eval.embed import embed_plain, eval_batches
+    from trainer.eval.sets import run_sets
 
     device = default_device()
     model = hub.load(directory, device=device)
     tokenizer = hub.load_tokenizer(directory)
-    tasks = tuple(cfg.eval.tasks)
-    a = cfg.data.augment
-    with torch.no_grad():
-        emb = embed_plain(model, eval_batches(cfg, 0, 1, tokenizer), device,
-                          text="retrieval" in tasks or "regions" in tasks,
-                          regions="regions" in tasks and hasattr(model, "prompter"),
-                          mean=a.mean, std=a.std)
-        return compute_metrics(emb, cfg, model.encode_text, tokenizer, device, tasks)
+
+    def one(cfg: Config) -> dict:
+        tasks = tuple(cfg.eval.tasks)
+        a = cfg.data.augment
+        with torch.no_grad():
+            emb = embed_plain(model, eval_batches(cfg, 0, 1, tokenizer), device,
+                              text="retrieval" in tasks or "regions" in tasks,
+                              regions="regions" in tasks and hasattr(model, "prompter"),
+                              mean=a.mean, std=a.std)
+            return compute_metrics(emb, cfg, model.encode_text, tokenizer, device, tasks)
+
+    return run_sets(sets, one)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.checkpoint import CheckpointError, resolve
         from trainer.distributed.launch import LaunchError, read_launch_env
         from trainer.distributed.layout import LayoutError, ParallelLayout
-        from trainer.eval.embed import EvalSetError, check_eval_set, describe_eval_set
+        from trainer.eval.embed import EvalSetError
+        from trainer.eval.sets import check_eval_sets
         from trainer.hub import HubError
 
         launch = read_launch_env()
@@ -170,16 +188,16 @@ def main(argv: list[str] | None = None) -> int:
                                     cfg.parallel.ep)
             checkpoint = resolve(args.checkpoint)
             source = {"checkpoint": str(checkpoint), "step": manifest["step"]}
-        check_eval_set(cfg)
+        sets = check_eval_sets(cfg)
     except (ConfigError, CheckpointError, EvalSetError, HubError, LaunchError,
             LayoutError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         if args.exported:
-            result, where = evaluate_export(cfg, args.exported), "1 process (trainer/hub.py)"
+            result, where = evaluate_export(sets, args.exported), "1 process (trainer/hub.py)"
         else:
-            result = evaluate_checkpoint(cfg, str(checkpoint), launch, layout)
+            result = evaluate_checkpoint(cfg, sets, str(checkpoint), launch, layout)
             where = layout.describe()
     except EvalSetError as e:  # e.g. no class names for a labelled set
         print(f"error: {e}", file=sys.stderr)
@@ -191,14 +209,16 @@ def main(argv: list[str] | None = None) -> int:
     if result is not None:
         from trainer.eval import format_metrics
 
-        report = {**source, "eval_set": describe_eval_set(cfg), "tasks": list(cfg.eval.tasks),
-                  "templates": list(cfg.eval.templates), "world_size": launch.world_size,
-                  "layout": where, "seconds": round(time.time() - t0, 1), "metrics": result}
+        report = {**source, **result, "world_size": launch.world_size, "layout": where,
+                  "seconds": round(time.time() - t0, 1)}
         text = json.dumps(report, indent=1)
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(text + "\n")
-            log.info("step %s: %s -> %s", source["step"], format_metrics(result), args.out)
+            for name, entry in ([("", result)] if "metrics" in result else []) + sorted(
+                    result.get("sets", {}).items()):
+                log.info("step %s: %s%s -> %s", source["step"], f"{name}: " if name else "",
+                         format_metrics(entry["metrics"]), args.out)
         else:
             print(text)
     return 0

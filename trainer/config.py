@@ -257,38 +257,98 @@ class CheckpointConfig:
                                   f"(neither {path / 'manifest.json'} nor {path / 'latest'})")
 
 
+# Built-in class-name and template sets (trainer/eval/names.py takes them from
+# open_clip.zero_shot_metadata at run time; this module imports no open_clip). A unit test
+# keeps the two equal.
+NAMED_CLASSNAMES = ("imagenet",)
+NAMED_TEMPLATES = ("openai_imagenet", "simple_imagenet")
+EVAL_TASKS = ("zero_shot", "retrieval", "regions")
+
+
+def _check_named(key: str, value: list[str] | str, names: tuple[str, ...]) -> None:
+    """A string must be one of ``names`` (a built-in set); anything else reads like an
+    unquoted list."""
+    if isinstance(value, str) and value not in names:
+        raise ConfigError(f"{key} expects a list of strings; quote items: "
+                          f"'{key}={_quoted_list_example(value)}'")
+
+
+def _check_templates(key: str, templates: list[str] | str) -> None:
+    _check_named(key, templates, NAMED_TEMPLATES)
+    if isinstance(templates, list) and any("{}" not in t and "{c}" not in t for t in templates):
+        raise ConfigError(f"{key}={templates!r}: each needs a '{{}}' (or clip_benchmark's "
+                          "'{c}') where the class name goes")
+
+
+@dataclass
+class EvalSetConfig:
+    """One named eval set of ``eval.sets``. Empty fields fall back to ``eval.*``, then to the
+    files beside the set (see EvalConfig)."""
+    urls: str = ""          # WebDataset shards (any data.eval_urls spec, clip_benchmark's dir)
+    csv: str = ""           # or a CSV set (as eval.csv)
+    csv_image_key: str = "filepath"
+    csv_caption_key: str = "title"
+    csv_label_key: str = ""
+    tasks: list[str] = field(default_factory=list)           # empty: eval.tasks
+    classnames: list[str] | str = field(default_factory=list)  # empty: eval.classnames
+    templates: list[str] | str = field(default_factory=list)   # empty: eval.templates
+    max_batches: int = -1   # -1: eval.max_batches
+
+    def validate(self, key: str) -> None:
+        if bool(self.urls) == bool(self.csv):
+            raise ConfigError(f"{key}: set exactly one of {key}.urls and {key}.csv")
+        if any(t not in EVAL_TASKS for t in self.tasks):
+            raise ConfigError(f"{key}.tasks={self.tasks!r}: each must be one of {EVAL_TASKS}")
+        _check_named(f"{key}.classnames", self.classnames, NAMED_CLASSNAMES)
+        _check_templates(f"{key}.templates", self.templates)
+        if self.max_batches < -1:
+            raise ConfigError(f"{key}.max_batches={self.max_batches} must be >= -1")
+
+
 @dataclass
 class EvalConfig:
-    """Zero-shot classification, image-text retrieval and CLOC region retrieval on one eval set
-    (data.eval_urls shards, or eval.csv); see trainer/eval/__init__.py."""
+    """Zero-shot classification, image-text retrieval and CLOC region retrieval on the eval
+    set (data.eval_urls shards, or eval.csv) and on the named sets of eval.sets; see
+    trainer/eval/__init__.py and trainer/eval/sets.py."""
     every: int = 0          # steps between evaluations (0: only before and after training)
     # What to compute; each runs when the data supports it (zero_shot: class labels,
     # regions: region boxes and model.prompter.layers > 0).
-    tasks: list[str] = field(default_factory=lambda: ["zero_shot", "retrieval", "regions"])
+    tasks: list[str] = field(default_factory=lambda: list(EVAL_TASKS))
     # A CSV eval set instead of data.eval_urls (tab-separated if it ends in .tsv): one row per
     # (image, caption), image paths relative to the CSV's folder; the label column is optional.
     csv: str = ""
     csv_image_key: str = "filepath"
     csv_caption_key: str = "title"
     csv_label_key: str = ""
-    # Class names in label order; empty: `classnames` of the dataset.json that
-    # tools/make_shards.py writes beside the eval shards.
-    classnames: list[str] = field(default_factory=list)
-    templates: list[str] = field(default_factory=lambda: ["a photo of a {}"])
+    # Class names in label order, or a built-in set (imagenet). Empty: classnames.txt (one per
+    # line; clip_benchmark's) beside the shards or one folder up, else `classnames` of the
+    # dataset.json that tools/make_shards.py writes beside them.
+    classnames: list[str] | str = field(default_factory=list)
+    # Prompt templates ("a photo of a {}"; clip_benchmark's "{c}" works too), or a built-in
+    # set (openai_imagenet: OpenAI's 80, simple_imagenet). Empty:
+    # zeroshot_classification_templates.txt beside the shards or one folder up, else
+    # ["a photo of a {}"].
+    templates: list[str] | str = field(default_factory=list)
     max_batches: int = 0    # per rank; 0: the whole split
+    # Further eval sets, each evaluated and logged under its name (eval/<name>/<metric>):
+    # {name: {urls | csv, tasks, classnames, templates, ...}} (EvalSetConfig).
+    sets: dict[str, EvalSetConfig] = field(default_factory=dict)
 
     def validate(self, key: str) -> None:
         for name in ("every", "max_batches"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{key}.{name}={getattr(self, name)} must be >= 0")
-        if not self.templates or any("{}" not in t for t in self.templates):
-            raise ConfigError(f"{key}.templates={self.templates!r}: each needs a '{{}}'")
-        known = ("zero_shot", "retrieval", "regions")
-        if any(t not in known for t in self.tasks):
-            raise ConfigError(f"{key}.tasks={self.tasks!r}: each must be one of {known}")
+        _check_templates(f"{key}.templates", self.templates)
+        _check_named(f"{key}.classnames", self.classnames, NAMED_CLASSNAMES)
+        if any(t not in EVAL_TASKS for t in self.tasks):
+            raise ConfigError(f"{key}.tasks={self.tasks!r}: each must be one of {EVAL_TASKS}")
         if self.csv and not (self.csv_image_key and self.csv_caption_key):
             raise ConfigError(f"{key}.csv is set: {key}.csv_image_key and {key}.csv_caption_key "
                               "must name its columns")
+        for name, s in self.sets.items():
+            if not name or "/" in name:
+                raise ConfigError(f"{key}.sets: set name {name!r} must be non-empty, without '/'")
+            s.validate(f"{key}.sets.{name}")
 
 
 @dataclass
@@ -419,6 +479,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0])
+    if origin is dict:
+        _, item = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r}: expected a mapping")
+        return {str(k): _coerce(item, v, f"{key}.{k}") for k, v in value.items()}
     if tp is Any:
         return value
     if tp is bool:

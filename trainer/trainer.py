@@ -33,6 +33,7 @@ from trainer.distributed.layout import ParallelLayout
 from trainer.distributed.rng import rng_state, set_rng_state
 from trainer.eval import evaluate, format_metrics
 from trainer.eval.embed import EvalSetError
+from trainer.eval.sets import eval_sets, prefixed
 from trainer.metrics import (MetricsLogger, backend_calls, expert_calls, model_flops_per_sample,
                              moe_layer_stats, peak_flops)
 from trainer.models.build import build_for_training
@@ -218,15 +219,20 @@ class Trainer:
                  self.cfg.train.steps, out["loss"], r.norm, r.lr, r.seconds, rate, dropped)
 
     def run_eval(self, step: int) -> None:
-        try:
-            result = evaluate(self.ddp, self.cfg, self.layout, self.tokenizer)
-        except EvalSetError as e:  # raised on every rank alike; training goes on
-            self.log_rank0(logging.ERROR, "step %d: evaluation skipped: %s", step, e)
-            return
-        if self.reporter and result is not None:
-            log.info("step %d: %s", step, format_metrics(result))
-            self.metrics.log(step, {f"eval/{k}": v for k, v in result.items()})
-            self.evals.append({"step": step, **result})
+        """Every eval set in turn (the run's own, then eval.sets), each logged under its name."""
+        for s in eval_sets(self.cfg):
+            label = f"eval set {s.name!r}" if s.name else "evaluation"
+            try:
+                result = evaluate(self.ddp, s.cfg, self.layout, self.tokenizer)
+            except EvalSetError as e:  # raised on every rank alike; training goes on
+                self.log_rank0(logging.ERROR, "step %d: %s skipped: %s", step, label, e)
+                continue
+            if self.reporter and result is not None:
+                log.info("step %d: %s%s", step, f"{s.name}: " if s.name else "",
+                         format_metrics(result))
+                self.metrics.log(step, prefixed(s.name, result))
+                self.evals.append({"step": step, **({"set": s.name} if s.name else {}),
+                                   **result})
 
     def save(self, step: int) -> None:
         b = self.batches

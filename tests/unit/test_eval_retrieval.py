@@ -196,7 +196,13 @@ def test_zero_shot_topk_by_hand():
     image[3, 0] = 1                                                # label -1: not counted
     m = zero_shot_topk(image, torch.tensor([2, 4, 5, -1]), w)
     assert m == {"zero_shot_top1": pytest.approx(1 / 3), "zero_shot_top5": pytest.approx(2 / 3),
-                 "zero_shot_images": 3}
+                 "zero_shot_mean_per_class_recall": pytest.approx(1 / 3),
+                 "zero_shot_classes": 6, "zero_shot_images": 3}
+    # mean per-class recall weighs classes, not images: class 2 twice (both hits), class 5 once
+    image2 = torch.cat([image[:1], image[:1], image[2:3]])
+    m2 = zero_shot_topk(image2, torch.tensor([2, 2, 5]), w)
+    assert m2["zero_shot_top1"] == pytest.approx(2 / 3)
+    assert m2["zero_shot_mean_per_class_recall"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="label 7 but only 6 class names"):
         zero_shot_topk(image, torch.tensor([7, 0, 0, 0]), w)
 
@@ -321,10 +327,12 @@ def test_schedule_pass_equals_plain_pass_with_regions(dist1, tmp_path):
         emb = embed_distributed(ddp, cfg, dist1, tok, regions=True)
     for field in ("image", "text", "region", "region_text"):
         assert torch.allclose(getattr(emb, field), getattr(plain, field), atol=1e-5), field
-    for field in ("image_ids", "text_ids", "labels", "region_text_ids"):
+    for field in ("image_ids", "text_ids", "labels", "captioned", "region_text_ids"):
         assert torch.equal(getattr(emb, field), getattr(plain, field)), field
     assert got == want
     # tasks: zero-shot only skips the text pass; an unlabelled set skips zero-shot
     only = evaluate(ddp, cfg, dist1, tok, tasks=("zero_shot",))
-    assert set(only) == {"eval_images", "zero_shot_top1", "zero_shot_top5", "zero_shot_images"}
+    assert set(only) == {"eval_images", "zero_shot_top1", "zero_shot_top5", "zero_shot_images",
+                         "zero_shot_mean_per_class_recall", "zero_shot_classes", "acc1", "acc5",
+                         "mean_per_class_recall"}
     assert only["zero_shot_top1"] == got["zero_shot_top1"]

@@ -8,6 +8,9 @@ A batch is a dict of tensors (B = batch size, R = data.max_regions, L = context 
   region_text   [B, R, L] int64 (absent regions hold the tokens of "", so still one eot per row)
   region_mask   [B, R] bool, True where a region is present
   labels        [B] int64, class label of eval splits (-1 if none)
+  captioned     [B] bool, False for an eval set's caption-less classification sample
+  caption_group [B] int64, 0; for the captions of one multi-caption eval sample, a hash of its
+                key (they are then distinct captions of one image, whatever their text)
   keys          list[str] of sample keys
 
 Collation writes every example straight into its slot of the batch tensors (in a DataLoader
@@ -15,6 +18,7 @@ worker those are allocated in shared memory, so handing the batch over copies no
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from dataclasses import dataclass
@@ -36,27 +40,35 @@ class Example:
     boxes: np.ndarray            # [k, 4] normalised xyxy, k <= R
     tokens: list[tuple[int, ...]]  # 1 + k unpadded rows: caption then region captions
     label: int
+    captioned: bool = True
+    caption_group: int = 0       # != 0: one of several captions of one image (eval sets)
 
 
 class SampleProcessor:
     """Decode, transform (boxes move with the image), keep up to R regions, tokenize, collate."""
 
     def __init__(self, transform: ImageTransform, tokenizer: Tokenizer, max_regions: int,
-                 normalize: str = "loader"):
+                 normalize: str = "loader", eval_set: bool = False):
         if normalize not in ("loader", "device"):
             raise ValueError(f"data.normalize={normalize!r}: expected loader or device")
         self.transform = transform
         self.tokenizer = tokenizer
         self.max_regions = max_regions
         self.normalize = normalize
+        # eval sets: image + cls samples without a caption are kept; a caption of N lines is
+        # N captions of the image: N examples sharing the pixels (retrieval's gallery image)
+        self.eval_set = eval_set
         self.empty_row = tokenizer.row_ids("")  # sot, eot
 
-    def __call__(self, raw: dict, counters: DataCounters, rng: random.Random | None) -> Example | None:
-        """The example, or None when the sample is skipped (counted in `counters`)."""
+    def __call__(self, raw: dict, counters: DataCounters, rng: random.Random | None
+                 ) -> Example | list[Example] | None:
+        """The example, or None when the sample is skipped (counted in `counters`); an eval
+        set's sample with an N-line caption (N > 1) gives a list of N examples."""
         where = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
         try:
             d = decode_sample(raw, counters, want_regions=self.max_regions > 0,
-                              load=lambda img: self.transform.place(img, rng))
+                              load=lambda img: self.transform.place(img, rng),
+                              labelled_without_caption=self.eval_set)
             placed: Placement = d.image
             boxes, keep = self.transform.boxes(placed, d.boxes)
         except SkipSample as e:
@@ -75,9 +87,16 @@ class SampleProcessor:
             order = sorted(range(len(captions)), key=lambda i: -scores[i])[: self.max_regions]
             order.sort()  # keep the stored order among the chosen ones
             boxes, captions = boxes[order], [captions[i] for i in order]
-        tokens = [self.tokenizer.row_ids(t) for t in [d.caption] + captions]
+        region_rows = [self.tokenizer.row_ids(t) for t in captions]
+        boxes = boxes / float(self.transform.size)
         counters.ok()
-        return Example(d.key, placed.pixels, boxes / float(self.transform.size), tokens, d.label)
+        lines = [t.strip() for t in d.caption.splitlines() if t.strip()] if self.eval_set else []
+        if len(lines) > 1:
+            group = caption_group(raw.get("__url__", ""), d.key)
+            return [Example(d.key, placed.pixels, boxes, [self.tokenizer.row_ids(t)] + region_rows,
+                            d.label, True, group) for t in lines]
+        tokens = [self.tokenizer.row_ids(d.caption)] + region_rows
+        return Example(d.key, placed.pixels, boxes, tokens, d.label, bool(d.caption))
 
     def collate(self, examples: list[Example]) -> dict:
         """Stack examples into the fixed-shape batch described in the module docstring."""
@@ -90,6 +109,8 @@ class SampleProcessor:
         region_boxes = _empty((B, R, 4), torch.float32)
         region_mask = _empty((B, R), torch.bool)
         labels = _empty((B,), torch.int64)
+        captioned = _empty((B,), torch.bool)
+        groups = _empty((B,), torch.int64)
         images_np, text_np, rtext_np = images.numpy(), text.numpy(), region_text.numpy()
         boxes_np, mask_np = region_boxes.numpy(), region_mask.numpy()
         text_np.fill(pad)
@@ -112,6 +133,8 @@ class SampleProcessor:
                 for r, row in enumerate(ex.tokens[1:]):  # never shorter than the empty row
                     rtext_np[b, r, : len(row)] = row
         labels.numpy()[:] = [ex.label for ex in examples]
+        captioned.numpy()[:] = [ex.captioned for ex in examples]
+        groups.numpy()[:] = [ex.caption_group for ex in examples]
         return {
             "images": images,               # [B, 3, S, S] float32 (loader) | uint8 (device)
             "text": text,                   # [B, L]
@@ -119,8 +142,16 @@ class SampleProcessor:
             "region_text": region_text,     # [B, R, L]
             "region_mask": region_mask,     # [B, R]
             "labels": labels,               # [B]
+            "captioned": captioned,         # [B]
+            "caption_group": groups,        # [B]
             "keys": [ex.key for ex in examples],
         }
+
+
+def caption_group(url: str, key: str) -> int:
+    """A nonzero 63-bit id of sample ``key`` of shard ``url`` (its captions' group)."""
+    digest = hashlib.blake2b(f"{url}\0{key}".encode(), digest_size=8).digest()
+    return (int.from_bytes(digest, "little") >> 1) or 1
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

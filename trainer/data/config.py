@@ -44,6 +44,11 @@ class AugmentConfig:
     # crop and the boxes are computed in stored-image pixels either way; only the pixel values
     # differ slightly (DCT-domain downscaling instead of the resize filter). false: full decode.
     jpeg_draft: bool = True
+    # Evaluation preprocessing. "reference": open_clip's / OpenAI's eval transform exactly (PIL
+    # bicubic resize of the short side of the fully decoded image, center crop; see
+    # trainer/data/eval_transform.py). "fast": the training path's one-pass transform without
+    # randomness (JPEG draft decoding, torch resize): faster, not the published numbers' input.
+    eval_resize: str = "reference"
 
     def validate(self, key: str) -> None:
         if not 0 < self.scale_min <= self.scale_max <= 1:
@@ -54,6 +59,9 @@ class AugmentConfig:
                                   f"{self.ratio_max}: need 0 < ratio_min <= ratio_max")
         if not 0 <= self.hflip_prob <= 1:
             raise DataConfigError(f"{key}.hflip_prob={self.hflip_prob} must be in [0, 1]")
+        if self.eval_resize not in ("reference", "fast"):
+            raise DataConfigError(f"{key}.eval_resize={self.eval_resize!r}: expected reference "
+                                  "or fast")
         if self.interpolation not in ("bicubic", "bilinear", "nearest"):
             raise DataConfigError(f"{key}.interpolation={self.interpolation!r}: expected "
                                   "bicubic, bilinear or nearest")

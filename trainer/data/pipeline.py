@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from trainer.data.collate import SampleProcessor
 from trainer.data.config import DataConfig
 from trainer.data.counters import DataCounters
+from trainer.data.eval_transform import ReferenceEvalTransform
 from trainer.data.stream import Cursor, SampleStream, mix_seed, worker_shards
 from trainer.data.tokenizer import Tokenizer, build_tokenizer
 from trainer.data.transforms import ImageTransform
@@ -94,11 +95,12 @@ class ShardDataset(IterableDataset):
                 ex = self.processor(raw, counters, rng)
                 if ex is None:
                     continue
-                batch.append(ex)
-                if len(batch) == self.batch_size:
-                    batches += 1
-                    yield item("batch", False, self.processor.collate(batch))
-                    batch = []
+                for one in ex if isinstance(ex, list) else (ex,):  # eval: N captions, N examples
+                    batch.append(one)
+                    if len(batch) == self.batch_size:
+                        batches += 1
+                        yield item("batch", False, self.processor.collate(batch))
+                        batch = []
             if batch and not self.drop_last:
                 batches += 1
                 yield item("batch", False, self.processor.collate(batch))
@@ -232,15 +234,19 @@ class ShardLoader:
 # ---------------------------------------------------------------------- builders
 
 def sample_processor(cfg: DataConfig, train: bool, tokenizer: Tokenizer | None) -> SampleProcessor:
-    """Decode, transform and tokenize one sample as training (``train``) or evaluation does."""
+    """Decode, transform and tokenize one sample as training (``train``) or evaluation does.
+    Evaluation: ``data.augment.eval_resize`` picks the reference transform (default) or the
+    fast one; caption-less class-labelled samples are kept and a multi-line caption is one
+    caption per line (an eval set's formats, trainer/data/README.md)."""
     a = cfg.augment
-    transform = ImageTransform(
+    kind = ReferenceEvalTransform if not train and a.eval_resize == "reference" else ImageTransform
+    transform = kind(
         size=cfg.image_size, train=train, scale=(a.scale_min, a.scale_max),
         ratio=(a.ratio_min, a.ratio_max), hflip_prob=a.hflip_prob, interpolation=a.interpolation,
         mean=tuple(a.mean), std=tuple(a.std), min_visibility=a.min_box_visibility,
         min_size=a.min_box_size, jpeg_draft=a.jpeg_draft)
     return SampleProcessor(transform, tokenizer or build_tokenizer(cfg.tokenizer), cfg.max_regions,
-                           cfg.normalize)
+                           cfg.normalize, eval_set=not train)
 
 
 def build_train_loader(cfg: DataConfig, rank: int, world: int,

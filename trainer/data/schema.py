@@ -136,11 +136,14 @@ def parse_regions(meta: dict, width: int, height: int, counters: DataCounters, w
 
 
 def decode_sample(raw: dict, counters: DataCounters, want_regions: bool = True,
-                  load: Callable[[Image.Image], Any] = load_rgb) -> Decoded:
+                  load: Callable[[Image.Image], Any] = load_rgb,
+                  labelled_without_caption: bool = False) -> Decoded:
     """Decode one raw sample. `load` turns the opened image (header read, pixels not yet
     decoded) into `Decoded.image`; it runs before the regions are parsed, against the stored
     image size, and may raise SkipSample (the pipeline passes a transform that decodes at the
-    resolution its crop needs)."""
+    resolution its crop needs). A sample without a caption is skipped ("missing_caption"),
+    unless ``labelled_without_caption`` and it carries a class label (an eval set's image +
+    ``cls`` classification sample: its caption is then "")."""
     key = raw.get("__key__", "?")
     where = f"{raw.get('__url__', '?')}:{key}"
     image_bytes = next((raw[e] for e in IMAGE_EXTS if e in raw), None)
@@ -150,11 +153,6 @@ def decode_sample(raw: dict, counters: DataCounters, want_regions: bool = True,
     caption = _text(raw.get("txt"))
     if not caption and isinstance(meta.get("caption"), str):
         caption = meta["caption"].strip()
-    if not caption:
-        raise SkipSample("missing_caption")
-    opened = open_image(image_bytes)
-    width, height = opened.size
-    image = load(opened)
     label = -1
     if "cls" in raw:
         try:
@@ -163,6 +161,11 @@ def decode_sample(raw: dict, counters: DataCounters, want_regions: bool = True,
             label = -1
     elif isinstance(meta.get("label"), int) and not isinstance(meta.get("label"), bool):
         label = meta["label"]
+    if not caption and not (labelled_without_caption and label >= 0):
+        raise SkipSample("missing_caption")
+    opened = open_image(image_bytes)
+    width, height = opened.size
+    image = load(opened)
     if want_regions and meta.get("regions") is not None:
         boxes, caps, scores = parse_regions(meta, width, height, counters, where)
     else:

@@ -27,7 +27,7 @@ from PIL import Image
 from trainer.data.normalize import normalize_coefficients
 from trainer.data.schema import load_rgb
 
-_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 
 
 @dataclass
@@ -73,7 +73,7 @@ def resized_crop(img: Image.Image, boxes: Boxes, crop: tuple[float, float, float
                  out_w: int, out_h: int, interpolation: str = "bicubic") -> tuple[Image.Image, Boxes]:
     """Crop `crop` = (x0, y0, w, h) from `img` and resize it to out_w x out_h, in one resample."""
     x0, y0, w, h = crop
-    out = img.resize((out_w, out_h), _RESAMPLE[interpolation], box=(x0, y0, x0 + w, y0 + h))
+    out = img.resize((out_w, out_h), RESAMPLE[interpolation], box=(x0, y0, x0 + w, y0 + h))
     sx, sy = out_w / w, out_h / h
     return out, boxes.affine(sx, sy, -x0 * sx, -y0 * sy).clip(out_w, out_h)
 
@@ -86,7 +86,7 @@ def resize_short_side(img: Image.Image, boxes: Boxes, size: int, interpolation: 
         new_w, new_h = size, int(size * h / w)
     else:
         new_w, new_h = int(size * w / h), size
-    out = img.resize((new_w, new_h), _RESAMPLE[interpolation])
+    out = img.resize((new_w, new_h), RESAMPLE[interpolation])
     return out, boxes.affine(new_w / w, new_h / h, 0.0, 0.0)
 
 

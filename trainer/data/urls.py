@@ -57,6 +57,7 @@ def expand_urls(spec: str | list[str], key: str = "data.train_urls") -> list[str
       substitute ${WDS_*} environment variables);
     - a local list file (*.txt, *.list, *.lst): one URL or pattern per line, "#" comments;
     - a local directory: its *.tar files, sorted; a local glob with "*";
+    - clip_benchmark's webdataset split (a directory with nshards.txt = N): its 0.tar .. N-1.tar;
     - "pipe:CMD", http(s)://, file: and other schemes webdataset's gopen reads, passed through.
     """
     items = [spec] if isinstance(spec, str) else list(spec)
@@ -86,6 +87,8 @@ def _expand_one(url: str, key: str) -> list[str]:
                         line = os.path.join(base, line)  # relative entries: relative to the list file
                     urls.extend(expand_urls(line, key))
         return urls
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "nshards.txt")):
+        return _clip_benchmark_split(path, key)
     if os.path.isdir(path):
         found = sorted(glob.glob(os.path.join(path, "*.tar")))
         if not found:
@@ -97,3 +100,17 @@ def _expand_one(url: str, key: str) -> list[str]:
             raise FileNotFoundError(f"{key}: glob {path!r} matches no file")
         return found
     return [url]
+
+
+def _clip_benchmark_split(path: str, key: str) -> list[str]:
+    """``path/{0..N-1}.tar`` with N read from ``path/nshards.txt`` (clip_benchmark's layout)."""
+    text = open(os.path.join(path, "nshards.txt")).read().strip()
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{key}: {os.path.join(path, 'nshards.txt')} holds {text!r}, expected "
+                         "a shard count >= 1")
+    shards = [os.path.join(path, f"{i}.tar") for i in range(int(text))]
+    missing = [s for s in shards if not os.path.isfile(s)]
+    if missing:
+        raise FileNotFoundError(f"{key}: nshards.txt in {path!r} says {text} shards but "
+                                f"{len(missing)} are missing (first: {missing[0]!r})")
+    return shards

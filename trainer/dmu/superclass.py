@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.models.build import build_for_training
     from trainer.data import build_tokenizer
     from trainer.distributed import ParallelLayout, init_distributed, read_launch_env
+    from trainer.eval.names import templates
     from trainer.eval.zeroshot import classifier
 
     init_distributed(read_launch_env())
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
     with torch.no_grad():
         weights = classifier(model.encode_text, build_tokenizer(saved.data.tokenizer), names,
-                             cfg.eval.templates)                             # [e, C]
+                             templates(cfg))                                 # [e, C]
     groups = superclasses(weights.t(), args.experts, seed=cfg.train.seed)
     Path(args.out).write_text(json.dumps({"superclass_of_class": groups, "classnames": names,
                                           "experts": args.experts}, indent=1))

@@ -9,11 +9,17 @@ the eval set (embed.py).
 samples carry a class label; regions: some samples carry region boxes and the model has a CLOC
 prompter). The result is one flat dict (train.py logs it as ``eval/<key>``):
 
-  eval_images                                     samples evaluated
-  zero_shot_top1, zero_shot_top5, zero_shot_images
+  eval_images                                     samples evaluated (caption rows)
+  zero_shot_top1, zero_shot_top5, zero_shot_mean_per_class_recall, zero_shot_images,
+  zero_shot_classes
   image_to_text_r{1,5,10}, text_to_image_r{1,5,10}   (+ ``_chance``: a random ranking's value)
   retrieval_images, retrieval_texts               distinct images / captions
   region_to_text_r{1,5,10}, text_to_region_r{1,5,10} (+ ``_chance``), regions, region_texts
+  acc1, acc5, mean_per_class_recall, image_retrieval_recall@K, text_retrieval_recall@K:
+      the same numbers under clip_benchmark's names (``with_clip_benchmark_names``)
+
+Several eval sets per run (``eval.sets``): ``trainer.eval.sets.evaluate_sets`` runs
+``evaluate`` once per set and keys the results by set name.
 
 Importing this package is cheap; torch and megatron load when a function runs.
 """
@@ -24,7 +30,8 @@ from typing import Callable
 
 TASKS = ("zero_shot", "retrieval", "regions")
 
-__all__ = ["TASKS", "compute_metrics", "eval_mode", "evaluate", "format_metrics"]
+__all__ = ["TASKS", "compute_metrics", "eval_mode", "evaluate", "format_metrics",
+           "with_clip_benchmark_names"]
 
 
 @contextlib.contextmanager
@@ -50,14 +57,15 @@ def eval_mode(model):
 def compute_metrics(emb, cfg, encode_text: Callable | None = None, tokenizer=None,
                     device=None, tasks=None, names: list[str] | None = None) -> dict:
     """The metrics of ``emb`` (an ``embed.Embeddings``). Pure but for zero-shot, which runs
-    ``encode_text`` on the class prompts (``cfg.eval.templates``; class names from ``names``
-    or ``zeroshot.class_names(cfg)``). With this repo's MoE CLIP, call it on every
-    last-stage rank alike (text experts exchange tokens)."""
+    ``encode_text`` on the class prompts (``names.templates(cfg)``; class names from ``names``
+    or ``names.class_names(cfg)``). Retrieval counts the captioned samples only. With this
+    repo's MoE CLIP, call it on every last-stage rank alike (text experts exchange tokens)."""
     import torch
 
+    from trainer.eval.names import class_names, templates
     from trainer.eval.regions import region_retrieval
     from trainer.eval.retrieval import image_text_retrieval
-    from trainer.eval.zeroshot import class_names, classifier, zero_shot_topk
+    from trainer.eval.zeroshot import classifier, zero_shot_topk
 
     tasks = tuple(cfg.eval.tasks if tasks is None else tasks)
     out: dict = {"eval_images": emb.num_samples}
@@ -66,13 +74,36 @@ def compute_metrics(emb, cfg, encode_text: Callable | None = None, tokenizer=Non
             raise ValueError("zero-shot needs encode_text and a tokenizer")
         names = names or class_names(cfg)
         with torch.no_grad():
-            weights = classifier(encode_text, tokenizer, names, list(cfg.eval.templates),
-                                 device=device)
+            weights = classifier(encode_text, tokenizer, names, templates(cfg), device=device)
         out.update(zero_shot_topk(emb.image, emb.labels, weights))
-    if "retrieval" in tasks and emb.text is not None and emb.num_samples:
-        out.update(image_text_retrieval(emb.image, emb.text, emb.image_ids, emb.text_ids))
+    keep = emb.captioned if emb.captioned is not None else torch.ones(emb.num_samples,
+                                                                      dtype=torch.bool)
+    keep = keep.to(emb.image.device)
+    if "retrieval" in tasks and emb.text is not None and bool(keep.any()):
+        out.update(image_text_retrieval(emb.image[keep], emb.text[keep],
+                                        emb.image_ids.to(keep.device)[keep],
+                                        emb.text_ids.to(keep.device)[keep]))
     if "regions" in tasks and emb.region is not None and emb.region.shape[0]:
         out.update(region_retrieval(emb.region, emb.region_text, emb.region_text_ids))
+    return with_clip_benchmark_names(out)
+
+
+def with_clip_benchmark_names(m: dict) -> dict:
+    """``m`` plus the same numbers under clip_benchmark 1.6.2's names: ``acc1``, ``acc5``
+    (only with >= 5 classes; clip_benchmark reports NaN below), ``mean_per_class_recall``,
+    ``image_retrieval_recall@K`` (caption -> image) and ``text_retrieval_recall@K``
+    (image -> caption)."""
+    out = dict(m)
+    if "zero_shot_top1" in m:
+        out["acc1"] = m["zero_shot_top1"]
+        if m.get("zero_shot_classes", 0) >= 5:
+            out["acc5"] = m["zero_shot_top5"]
+        out["mean_per_class_recall"] = m["zero_shot_mean_per_class_recall"]
+    for ours, theirs in (("text_to_image", "image_retrieval"), ("image_to_text",
+                                                                 "text_retrieval")):
+        for k in (1, 5, 10):
+            if f"{ours}_r{k}" in m:
+                out[f"{theirs}_recall@{k}"] = m[f"{ours}_r{k}"]
     return out
 
 

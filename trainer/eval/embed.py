@@ -6,17 +6,25 @@ functions of the ``Embeddings`` it returns, whichever model produced them.
     emb = embed_plain(model, eval_batches(cfg, 0, 1, tokenizer), device)   # any encoder
 
 Eval sets:
-- WebDataset shards (``data.eval_urls``): trainer/data's eval loader (resize + center crop, no
-  shuffle, the last partial batch kept), split over data-parallel ranks by shard.
+- WebDataset shards (``data.eval_urls``, clip_benchmark's ``split/nshards.txt`` folder too):
+  trainer/data's eval loader (open_clip's eval transform by default, see
+  trainer/data/eval_transform.py; no shuffle, the last partial batch kept), split over
+  data-parallel ranks by shard.
 - A CSV file (``eval.csv``; tab-separated when it ends in .tsv): a column of image paths
   (``eval.csv_image_key``, relative to the CSV's folder), one of captions
   (``eval.csv_caption_key``) and optionally one of integer class labels
   (``eval.csv_label_key``). Rows are split over ranks round-robin; images go through the same
   transform and tokenizer as shards.
 
-Several captions of one image: store one sample (shard) or row (CSV) per (image, caption)
-pair. ``image_ids`` hashes the transformed pixels, so the repeated image is recognised as one
-gallery image; ``text_ids`` hashes the caption tokens (see trainer/eval/retrieval.py).
+Shards may hold classification samples without a caption (image + ``cls``, clip_benchmark's
+layout: ``captioned`` is False for them, retrieval leaves them out) and several captions of
+one image as the lines of its ``.txt`` (clip_benchmark's retrieval layout: the sample becomes
+one (image, caption) row per line, the vision tower runs once per row). One sample (shard) or
+row (CSV) per (image, caption) pair works too. ``image_ids`` hashes the transformed pixels, so
+a repeated image is recognised as one gallery image; ``text_ids`` hashes the caption tokens,
+and, for the lines of one multi-caption sample, its key too: they stay distinct captions even
+where two images share a caption text, as clip_benchmark counts them (see
+trainer/eval/retrieval.py).
 
 The distributed pass runs images (and captions, and region boxes + captions) forward-only
 through megatron's schedule, so it works at any TP/PP/EP. Every rank takes the same number of
@@ -54,6 +62,7 @@ class Embeddings:
     image: torch.Tensor                          # [N, e] L2-normalised, one row per sample
     image_ids: torch.Tensor                      # [N] int64, equal for equal (transformed) images
     labels: torch.Tensor                         # [N] int64 class label, -1 if none
+    captioned: torch.Tensor | None = None        # [N] bool, False: no caption (image + cls)
     text: torch.Tensor | None = None             # [N, e] L2-normalised caption embeddings
     text_ids: torch.Tensor | None = None         # [N] int64, equal for equal caption tokens
     region: torch.Tensor | None = None           # [M, e] present regions only
@@ -166,7 +175,8 @@ class _Collate:
         self.processor = processor
 
     def __call__(self, examples: list) -> dict | None:
-        kept = [e for e in examples if e is not None]
+        kept = [one for e in examples if e is not None
+                for one in (e if isinstance(e, list) else (e,))]
         if not kept:
             return {"skipped": len(examples)}
         return {**self.processor.collate(kept), "skipped": len(examples) - len(kept)}
@@ -201,8 +211,15 @@ def eval_batches(cfg: Config, rank: int, world: int, tokenizer) -> Iterator[dict
 def batch_ids(batch: dict, regions: bool) -> dict[str, torch.Tensor]:
     """Row ids of a loader batch (CPU): image / caption hashes, labels, region caption
     hashes of the present regions (row-major)."""
+    text = batch["text"].cpu()
+    group = batch.get("caption_group")  # the captions of one multi-caption sample: distinct
+    if group is not None:
+        text = torch.cat([text, group.long().cpu()[:, None]], dim=1)        # [B, L + 1]
+    captioned = batch.get("captioned")
     out = {"image_ids": content_ids(batch["images"]), "labels": batch["labels"].long().cpu(),
-           "text_ids": content_ids(batch["text"])}
+           "text_ids": content_ids(text),
+           "captioned": (torch.ones(len(text), dtype=torch.bool) if captioned is None
+                         else captioned.bool().cpu())}
     if regions:
         mask = batch["region_mask"].cpu()
         out["region_text_ids"] = content_ids(batch["region_text"].cpu()[mask])
@@ -257,6 +274,8 @@ def _assemble(parts: list[dict[str, torch.Tensor]], device) -> dict[str, torch.T
 
 def _gather_rows(t: torch.Tensor, group) -> torch.Tensor:
     """All-gather rows of unequal counts over ``group`` (rank order)."""
+    if t.dtype == torch.bool:  # gathered as bytes
+        return _gather_rows(t.to(torch.uint8), group).bool()
     world = dist.get_world_size(group)
     n = torch.tensor([t.shape[0]], device=t.device)
     sizes = [torch.zeros_like(n) for _ in range(world)]
@@ -337,7 +356,8 @@ def embed_distributed(model: torch.nn.Module, cfg: Config, layout, tokenizer, *,
 def _local_rows(parts: list[dict], device, dim: int, text: bool, regions: bool) -> dict:
     """This rank's rows; empty tensors of the right shape when it had no sample."""
     empty = {"image": torch.zeros(0, dim), "image_ids": torch.zeros(0, dtype=torch.long),
-             "labels": torch.zeros(0, dtype=torch.long)}
+             "labels": torch.zeros(0, dtype=torch.long),
+             "captioned": torch.zeros(0, dtype=torch.bool)}
     if text:
         empty.update(text=torch.zeros(0, dim), text_ids=torch.zeros(0, dtype=torch.long))
     if regions:

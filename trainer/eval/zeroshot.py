@@ -10,39 +10,23 @@ Samples with label -1 are not counted. Chance level: top-1 1/C, top-5 5/C (unifo
 """
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from trainer.config import Config
-from trainer.eval.embed import EvalSetError
 
 log = logging.getLogger("upclip")
 
 
 def class_names(cfg: Config) -> list[str]:
-    """``eval.classnames``, else ``classnames`` from the dataset.json beside the eval set
-    (tools/make_shards.py writes one beside its shards; put one beside a CSV)."""
-    if cfg.eval.classnames:
-        return list(cfg.eval.classnames)
-    if cfg.eval.csv:
-        meta = Path(cfg.eval.csv).parent / "dataset.json"
-    else:
-        from trainer.data.urls import expand_urls
+    """The eval set's class names in label order (trainer/eval/names.py)."""
+    from trainer.eval.names import class_names as resolve
 
-        meta = Path(expand_urls(cfg.data.eval_urls, "data.eval_urls")[0]).parent / "dataset.json"
-    try:
-        names = json.loads(meta.read_text()).get("classnames")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        names = None
-    if not names:
-        raise EvalSetError(f"eval.classnames is empty and {meta} has no classnames: set "
-                         "eval.classnames (or eval.tasks without zero_shot)")
-    return list(names)
+    return resolve(cfg)
 
 
 @torch.no_grad()
@@ -63,18 +47,26 @@ def classifier(encode_text: Callable[[torch.Tensor], torch.Tensor], tokenizer, n
 def zero_shot_topk(image: torch.Tensor, labels: torch.Tensor,
                    weights: torch.Tensor) -> dict[str, float]:
     """``image [N, e]`` L2-normalised, ``labels [N]`` (-1: not counted), ``weights [e, C]``:
-    ``{"zero_shot_top1", "zero_shot_top5"}`` (fractions of the labelled images) and
-    ``zero_shot_images`` (how many were labelled)."""
+    ``zero_shot_top1``, ``zero_shot_top5`` (fractions of the labelled images),
+    ``zero_shot_mean_per_class_recall`` (top-1 recall averaged over the classes present, as
+    sklearn's balanced accuracy) and ``zero_shot_images`` (how many were labelled)."""
     labels = labels.to(image.device)
     keep = labels >= 0
     if keep.any() and int(labels.max()) >= weights.shape[1]:
         raise ValueError(f"label {int(labels.max())} but only {weights.shape[1]} class names")
     logits = image[keep].float() @ weights.to(image.device).float()          # [n, C]
     top = logits.topk(min(5, logits.shape[1]), dim=1).indices                # [n, 5]
-    hit = top == labels[keep][:, None]
+    target = labels[keep]
+    hit = top == target[:, None]
     n = int(keep.sum())
+    present = torch.unique(target)
+    # per class: hits / count in float64, averaged with numpy (sklearn's exact arithmetic)
+    per_class = np.array([int(hit[target == c, 0].sum()) / int((target == c).sum())
+                          for c in present.tolist()], dtype=np.float64)
     return {"zero_shot_top1": float(hit[:, 0].sum()) / max(n, 1),
-            "zero_shot_top5": float(hit.any(1).sum()) / max(n, 1), "zero_shot_images": n}
+            "zero_shot_top5": float(hit.any(1).sum()) / max(n, 1),
+            "zero_shot_mean_per_class_recall": float(per_class.mean()) if n else 0.0,
+            "zero_shot_classes": int(weights.shape[1]), "zero_shot_images": n}
 
 
 def zero_shot_accuracy(model: torch.nn.Module, cfg: Config, layout, tokenizer,
