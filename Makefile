@@ -24,6 +24,8 @@ $(VENV)/.installed: requirements.txt apt-packages.txt
 	DS_BUILD_OPS=0 $(PY) -m pip install -q -r requirements.txt
 	# CUTLASS C++ headers for kernels/ (headers only: no dependencies needed)
 	$(PY) -m pip install -q --no-deps nvidia-cutlass==4.2.0.0
+	# clip_benchmark's metric modules (tests' reference); its other dependencies are not needed
+	$(PY) -m pip install -q --no-deps clip-benchmark==1.6.2
 	touch $@
 
 # Fashion-MNIST shards, a dense tiny CLIP, upcycled to MoE and trained on (tools/smoke.sh).

@@ -92,18 +92,23 @@ def with_clip_benchmark_names(m: dict) -> dict:
     """``m`` plus the same numbers under clip_benchmark 1.6.2's names: ``acc1``, ``acc5``
     (only with >= 5 classes; clip_benchmark reports NaN below), ``mean_per_class_recall``,
     ``image_retrieval_recall@K`` (caption -> image) and ``text_retrieval_recall@K``
-    (image -> caption)."""
+    (image -> caption), the recalls rounded to float32 as clip_benchmark computes them."""
+    import torch
+
     out = dict(m)
     if "zero_shot_top1" in m:
         out["acc1"] = m["zero_shot_top1"]
         if m.get("zero_shot_classes", 0) >= 5:
             out["acc5"] = m["zero_shot_top5"]
         out["mean_per_class_recall"] = m["zero_shot_mean_per_class_recall"]
-    for ours, theirs in (("text_to_image", "image_retrieval"), ("image_to_text",
-                                                                 "text_retrieval")):
+    for ours, theirs, queries in (("text_to_image", "image_retrieval", "retrieval_texts"),
+                                  ("image_to_text", "text_retrieval", "retrieval_images")):
         for k in (1, 5, 10):
-            if f"{ours}_r{k}" in m:
-                out[f"{theirs}_recall@{k}"] = m[f"{ours}_r{k}"]
+            if f"{ours}_r{k}" in m:  # clip_benchmark averages the hits in float32
+                n = m[queries]
+                hits = round(m[f"{ours}_r{k}"] * n)
+                out[f"{theirs}_recall@{k}"] = float(torch.tensor(float(hits),
+                                                                 dtype=torch.float32) / n)
     return out
 
 
