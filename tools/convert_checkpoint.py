@@ -1,7 +1,9 @@
 """Convert CLIP checkpoints to and from UpCLIP, and reshard UpCLIP training checkpoints.
 
-  import   open_clip / OpenAI-CLIP state dict (+ its model config) or a Hugging Face CLIPModel
-           directory -> an UpCLIP checkpoint, loadable at any TP/PP/EP (checkpoint.load=<out>)
+  import   open_clip / OpenAI-CLIP state dict (+ its model config), OpenAI's TorchScript
+           archives, open_clip hub directories or a Hugging Face CLIPModel directory -> an
+           UpCLIP checkpoint, loadable at any TP/PP/EP (checkpoint.load=<out>); --image-size
+           imports at another resolution (positional embedding interpolated)
   export   an UpCLIP checkpoint -> a Hugging Face CLIPModel directory (--to hf), an open_clip
            state dict + model config (--to open_clip), or config.json + model.safetensors for
            the plain-PyTorch model of trainer/hub.py (--to moe: MoE or dense)
@@ -12,6 +14,9 @@
         --model-config ViT-B-32-quickgelu --out ckpt/b32
     python tools/convert_checkpoint.py import --from hf --weights clip-vit-base-patch32 \\
         --out ckpt/b32
+    python tools/convert_checkpoint.py import --from openai --weights ViT-B-16.pt --out ckpt/b16
+    python tools/convert_checkpoint.py import --from open_clip --image-size 336 \\
+        --weights hub/CLIP-ViT-B-16-laion2B-s34B-b88K --out ckpt/b16-336
     python tools/convert_checkpoint.py export --to hf --ckpt runs/b32/ckpt --out exports/b32-hf
     python tools/convert_checkpoint.py export --to open_clip --ckpt runs/b32/ckpt \\
         --out exports/b32-oc
@@ -68,14 +73,30 @@ def refuse_existing(out: Path, force: bool) -> None:
 
 # --------------------------------------------------------------------------- import
 
+def is_torchscript(path: Path) -> bool:
+    """A TorchScript archive (OpenAI's original ViT-B-16.pt etc.): a zip with code/ and
+    constants.pkl beside the data."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("/constants.pkl") for n in z.namelist())
+
+
 def read_state_dict(path: Path) -> dict:
     import torch
+
+    from trainer.models.convert import OPENAI_EXTRA_KEYS
 
     if not path.exists():
         fail(f"--weights {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         sd = load_file(str(path))
+    elif is_torchscript(path):  # as open_clip's load_openai_model reads them
+        sd = {k: v for k, v in torch.jit.load(str(path), map_location="cpu").state_dict().items()
+              if k not in OPENAI_EXTRA_KEYS}
     else:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     for wrapper in ("state_dict", "model"):
@@ -100,6 +121,47 @@ def read_open_clip_config(spec: str) -> dict:
     return cfg
 
 
+HUB_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin",
+               "open_clip_model.bin")
+
+
+def open_clip_source(weights: Path, args) -> tuple[dict | None, list[Path]]:
+    """(open_clip model config or None, weight files) of ``--weights``: a state dict file or
+    TorchScript archive, or an open_clip hub directory (open_clip_config.json +
+    open_clip_model.safetensors / open_clip_pytorch_model.bin). The config: --model-config,
+    else the directory's, else None (--from openai: read from the weights' shapes)."""
+    files, oc_cfg = [weights], None
+    if weights.is_dir():
+        cfg_file = weights / "open_clip_config.json"
+        found = [weights / n for n in HUB_WEIGHTS if (weights / n).is_file()]
+        if not cfg_file.is_file() or not found:
+            fail(f"--weights {str(weights)!r}: not an open_clip hub directory (needs "
+                 f"open_clip_config.json and one of {', '.join(HUB_WEIGHTS)})")
+        files = found[:1]
+        try:
+            oc_cfg = json.loads(cfg_file.read_text())["model_cfg"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            fail(f"{cfg_file}: no 'model_cfg' mapping")
+    if args.model_config:
+        oc_cfg = read_open_clip_config(args.model_config)
+    if oc_cfg is None and args.source == "open_clip":
+        fail("--from open_clip needs --model-config (an open_clip model name or JSON path) "
+             "unless --weights is an open_clip hub directory")
+    return oc_cfg, files
+
+
+def with_image_size(model_cfg, args):
+    """``--image-size``: the target resolution (the conversion then interpolates the vision
+    positional embedding to its patch grid)."""
+    if args.image_size:
+        patch = model_cfg.vision.patch_size
+        if args.image_size <= 0 or args.image_size % patch:
+            fail(f"--image-size {args.image_size} is not a positive multiple of the patch size "
+                 f"{patch}")
+        model_cfg.vision.image_size = args.image_size
+    return model_cfg
+
+
 def load_source(args) -> tuple:
     """(model config, canonical state dict, {file: sha256} of the weights read)."""
     from trainer.io import sha256
@@ -108,17 +170,20 @@ def load_source(args) -> tuple:
     weights = Path(args.weights)
     if not weights.exists():
         fail(f"--weights {str(weights)!r} does not exist")
-    if args.source == "open_clip":
-        if not args.model_config:
-            fail("--from open_clip needs --model-config (an open_clip model name or JSON path)")
-        model_cfg = convert.config_from_open_clip(read_open_clip_config(args.model_config),
-                                                  quick_gelu=args.quick_gelu)
-        sd = read_state_dict(weights)
-        return model_cfg, convert.from_open_clip(sd, model_cfg), {str(weights): sha256(weights)}
+    if args.source in ("open_clip", "openai"):
+        oc_cfg, files = open_clip_source(weights, args)
+        sd = {}
+        for f in files:
+            sd.update(read_state_dict(f))
+        if oc_cfg is None:  # OpenAI's archives carry no config: read it off the shapes
+            oc_cfg = convert.open_clip_config_of_openai(sd)
+        model_cfg = with_image_size(convert.config_from_open_clip(oc_cfg, args.quick_gelu), args)
+        return model_cfg, convert.from_open_clip(sd, model_cfg), {str(f): sha256(f) for f in files}
     # Hugging Face CLIPModel directory (config.json + model.safetensors / pytorch_model.bin)
     if not (weights / "config.json").is_file():
         fail(f"--weights {str(weights)!r}: not a Hugging Face model directory (no config.json)")
-    model_cfg = convert.config_from_hf(json.loads((weights / "config.json").read_text()))
+    model_cfg = with_image_size(
+        convert.config_from_hf(json.loads((weights / "config.json").read_text())), args)
     files = sorted(weights.glob("*.safetensors")) or sorted(weights.glob("pytorch_model*.bin"))
     if not files:
         fail(f"--weights {str(weights)!r}: no *.safetensors or pytorch_model*.bin")
@@ -262,10 +327,17 @@ def parser() -> argparse.ArgumentParser:
                          "a Hugging Face CLIPModel directory -> an UpCLIP checkpoint "
                          "(step 0, loadable at any TP/PP/EP).")
     imp.add_argument("--from", dest="source", choices=("open_clip", "openai", "hf"),
-                     required=True, help="openai = open_clip with QuickGELU forced")
+                     required=True, help="openai = OpenAI-CLIP weights (a TorchScript archive "
+                     "or state dict; QuickGELU)")
     imp.add_argument("--weights", required=True,
-                     help="state dict file (.pt/.bin/.safetensors) or HF model directory")
-    imp.add_argument("--model-config", help="open_clip model name or JSON (open_clip/openai)")
+                     help="state dict file (.pt/.bin/.safetensors), OpenAI TorchScript archive, "
+                     "open_clip hub directory (open_clip_config.json + weights) or HF model "
+                     "directory")
+    imp.add_argument("--model-config", help="open_clip model name or JSON (open_clip; openai: "
+                     "default read from the weights' shapes)")
+    imp.add_argument("--image-size", type=int, default=0,
+                     help="import at this image size (vision positional embedding "
+                     "interpolated, as open_clip's resize_pos_embed)")
     imp.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None,
                      help="override the activation (OpenAI weights use QuickGELU)")
     imp.add_argument("--out", required=True, help="checkpoint root to create")
@@ -311,10 +383,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    if getattr(args, "source", None) == "openai":
-        args.source = "open_clip"
-        if args.quick_gelu is None:
-            args.quick_gelu = True
+    if getattr(args, "source", None) == "openai" and args.quick_gelu is None:
+        args.quick_gelu = True
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     for name in ("upclip", "trainer"):  # our narration; the peers' INFO chatter stays off
         logging.getLogger(name).setLevel(logging.INFO)

@@ -285,6 +285,27 @@ def config_from_open_clip(model_cfg: dict, quick_gelu: bool | None = None) -> Mo
                         act=_act(quick), ln_eps=eps_t, eot_token_id=eot))
 
 
+OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")  # not weights
+
+
+def open_clip_config_of_openai(sd: dict) -> dict:
+    """The open_clip model config of an OpenAI-CLIP ViT state dict, read from its shapes as
+    open_clip's ``build_model_from_openai_state_dict`` does (64-wide heads, QuickGELU)."""
+    if "visual.proj" not in sd:
+        raise ConfigError("OpenAI state dict without visual.proj: ResNet towers are not "
+                          "supported")
+    conv = sd["visual.conv1.weight"]                                  # [width, 3, p, p]
+    grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    width = sd["ln_final.weight"].shape[0]
+    return {"embed_dim": sd["text_projection"].shape[1], "quick_gelu": True,
+            "vision_cfg": {"layers": _blocks(sd, "visual.transformer.resblocks."),
+                           "width": conv.shape[0], "patch_size": conv.shape[-1],
+                           "image_size": conv.shape[-1] * grid, "head_width": 64},
+            "text_cfg": {"context_length": sd["positional_embedding"].shape[0],
+                         "vocab_size": sd["token_embedding.weight"].shape[0], "width": width,
+                         "heads": width // 64, "layers": _blocks(sd, "transformer.resblocks.")}}
+
+
 def config_from_hf(hf) -> ModelConfig:
     """ModelConfig from a transformers ``CLIPConfig`` (object or dict)."""
     d = hf.to_dict() if hasattr(hf, "to_dict") else dict(hf)
