@@ -219,7 +219,9 @@ class Trainer:
                  self.cfg.train.steps, out["loss"], r.norm, r.lr, r.seconds, rate, dropped)
 
     def run_eval(self, step: int) -> None:
-        """Every eval set in turn (the run's own, then eval.sets), each logged under its name."""
+        """Every eval set in turn (the run's own, then eval.sets), logged in one metrics row,
+        each set's metrics under its name (eval/<metric>, eval/<name>/<metric>)."""
+        row = {}
         for s in eval_sets(self.cfg):
             label = f"eval set {s.name!r}" if s.name else "evaluation"
             try:
@@ -230,9 +232,11 @@ class Trainer:
             if self.reporter and result is not None:
                 log.info("step %d: %s%s", step, f"{s.name}: " if s.name else "",
                          format_metrics(result))
-                self.metrics.log(step, prefixed(s.name, result))
+                row.update(prefixed(s.name, result))
                 self.evals.append({"step": step, **({"set": s.name} if s.name else {}),
                                    **result})
+        if row:
+            self.metrics.log(step, row)
 
     def save(self, step: int) -> None:
         b = self.batches

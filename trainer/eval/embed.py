@@ -160,7 +160,8 @@ class _CsvRows(torch.utils.data.Dataset):
         from trainer.data.schema import IMAGE_EXTS
         path, caption, label = self.rows[i]
         ext = os.path.splitext(path)[1].lower().lstrip(".")
-        raw = {"__key__": f"row{i}", "__url__": path, "txt": caption.encode("utf-8"),
+        raw = {"__key__": f"row{i}", "__url__": path,  # one row, one caption (even multi-line)
+               "txt": " ".join(caption.splitlines()).encode("utf-8"),
                "cls": str(label).encode()}
         try:
             with open(path, "rb") as f:
