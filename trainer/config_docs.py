@@ -170,7 +170,8 @@ def render_yaml(cfg: Any, header: str = "") -> str:
             lines.append(f"{indent}{name}:")
             continue
         value = get_dotted(cfg, info.key)
-        lines += _comment(f"[{info.type}, default {yaml_value(info.default)}] {info.doc}", indent)
+        lines += _comment(f"[{info.type}, default {yaml_value(info.default)}] {info.doc}".strip(),
+                          indent)
         lines.append(f"{indent}{name}: {yaml_value(value)}")
     return "\n".join(lines) + "\n"
 
