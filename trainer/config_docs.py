@@ -42,10 +42,17 @@ class KeyInfo:
         return self.type == "section"
 
 
+PRAGMAS = ("noqa", "type:", "pragma:", "fmt:")  # tool comments, not docs
+
+
 @functools.lru_cache(maxsize=None)
 def _declared_docs(cls: type) -> dict[str, str]:
-    """{field name: doc} for the fields declared in ``cls``'s own class body."""
-    source = textwrap.dedent(inspect.getsource(cls))
+    """{field name: doc} for the fields declared in ``cls``'s own class body ({} when its
+    source is not available, e.g. a class made at run time: every doc is then empty)."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
     node = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef))
     comments: dict[int, str] = {}
     code: set[int] = set()
@@ -53,7 +60,8 @@ def _declared_docs(cls: type) -> dict[str, str]:
             tokenize.ENDMARKER)
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         if tok.type == tokenize.COMMENT:
-            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+            text = tok.string.lstrip("#").strip()
+            comments[tok.start[0]] = "" if text.startswith(PRAGMAS) else text
         elif tok.type not in skip:
             code.update(range(tok.start[0], tok.end[0] + 1))
     docs = {}

@@ -115,6 +115,7 @@ class _Base:
 @dataclass
 class _Child(_Base):
     own: bool = False  # declared in the child
+    pragma: int = 0  # noqa: E501
 
 
 def test_doc_extraction_styles():
@@ -125,6 +126,7 @@ def test_doc_extraction_styles():
         "undocumented": "",
         "multi": "first line inside the default",
         "own": "declared in the child",
+        "pragma": "",
     }
 
 
