@@ -13,7 +13,7 @@ export OMP_NUM_THREADS ?= 1
 setup: $(VENV)/.installed
 
 # apt packages first (Debian names, one per line in apt-packages.txt), then the venv.
-$(VENV)/.installed: requirements.txt apt-packages.txt
+$(VENV)/.installed: requirements.txt apt-packages.txt pyproject.toml
 	@missing=$$(for p in $$(grep -v '^#' apt-packages.txt); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then echo "apt-get install $$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
@@ -26,6 +26,8 @@ $(VENV)/.installed: requirements.txt apt-packages.txt
 	$(PY) -m pip install -q --no-deps nvidia-cutlass==4.2.0.0
 	# clip_benchmark's metric modules (tests' reference); its other dependencies are not needed
 	$(PY) -m pip install -q --no-deps clip-benchmark==1.6.2
+	# UpCLIP itself, editable: the upclip / upclip-train ... commands in .venv/bin
+	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
 # Fashion-MNIST shards, a dense tiny CLIP, upcycled to MoE and trained on (tools/smoke.sh).

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from trainer.config_cli import named_configs, resolve_config_path
+from trainer.config_docs import did_you_mean, get_dotted
 from trainer.data.config import DataConfig, DataConfigError
 from trainer.dmu.config import DMUConfig, DMUConfigError
 from trainer.moe.config import MoEConfig, MoEConfigError
@@ -36,13 +38,13 @@ ACTIVATIONS = ("gelu", "quick_gelu")
 @dataclass
 class TowerConfig:
     """What both towers share: a stack of pre-LN transformer blocks."""
-    width: int = 64
-    layers: int = 2
-    heads: int = 4
-    mlp_ratio: float = 4.0
+    width: int = 64        # hidden size of the tower's transformer blocks
+    layers: int = 2        # number of transformer blocks
+    heads: int = 4         # attention heads per block (divisible by parallel.tp)
+    mlp_ratio: float = 4.0  # MLP hidden size = width * mlp_ratio
     act: str = "gelu"      # gelu | quick_gelu (OpenAI's checkpoints)
-    ln_eps: float = 1e-5
-    moe: MoEConfig = field(default_factory=MoEConfig)  # num_experts=0: dense MLPs
+    ln_eps: float = 1e-5   # LayerNorm epsilon (1e-5 in OpenAI / open_clip checkpoints)
+    moe: MoEConfig = field(default_factory=MoEConfig)  # MoE blocks (num_experts=0: dense)
 
     def validate(self, key: str) -> None:
         for name in ("width", "layers", "heads"):
@@ -58,8 +60,8 @@ class TowerConfig:
 
 @dataclass
 class VisionConfig(TowerConfig):
-    image_size: int = 32
-    patch_size: int = 8
+    image_size: int = 32   # input resolution in pixels; data.image_size follows it unless set
+    patch_size: int = 8    # ViT patch size in pixels (image_size must be a multiple)
 
     def validate(self, key: str) -> None:
         super().validate(key)
@@ -79,8 +81,10 @@ class VisionConfig(TowerConfig):
 
 @dataclass
 class TextConfig(TowerConfig):
+    # Text tokens per caption (positional embeddings); data.tokenizer.context_length follows
+    # it unless set.
     context_length: int = 16
-    vocab_size: int = 49408
+    vocab_size: int = 49408  # token embedding rows (CLIP BPE: 49408)
     # The text tower pools the hidden state at the first end-of-text token (CLIP BPE: 49407,
     # which is also the largest id, so this equals open_clip's argmax pooling). -1: vocab_size - 1.
     eot_token_id: int = -1
@@ -100,8 +104,8 @@ class TextConfig(TowerConfig):
 class PrompterConfig:
     """CLOC's region prompter (trainer/models/prompter.py) on top of the vision tower."""
     layers: int = 0        # 0: no prompter (no region loss possible)
-    heads: int = 4
-    mlp_ratio: float = 4.0
+    heads: int = 4         # attention heads of the prompter's blocks
+    mlp_ratio: float = 4.0  # prompter MLP hidden size = vision width * mlp_ratio
 
     def validate(self, key: str) -> None:
         if self.layers < 0:
@@ -117,9 +121,9 @@ class ModelConfig:
     # A named preset (tiny, vit-b-32, vit-b-16, vit-l-14) fills every field below; fields given
     # beside it in YAML or on the command line override the preset's values.
     preset: str = "tiny"
-    embed_dim: int = 32
-    vision: VisionConfig = field(default_factory=VisionConfig)
-    text: TextConfig = field(default_factory=TextConfig)
+    embed_dim: int = 32    # joint image-text embedding size (both projections' output)
+    vision: VisionConfig = field(default_factory=VisionConfig)  # the image tower (a ViT)
+    text: TextConfig = field(default_factory=TextConfig)  # the text tower (causal transformer)
     logit_scale_init: float = 2.6592600  # log(1 / 0.07), as in CLIP
     # SigLIP's learnable logit bias (the paper starts at -10 with logit_scale_init = log 10);
     # null: no bias parameter (the softmax CLIP loss has no use for one).
@@ -129,7 +133,7 @@ class ModelConfig:
     # memory-efficient kernels on CUDA, a fused kernel on CPU) or unfused (megatron-core's
     # DotProductAttention: [b*heads, s, s] scores in fp32). Same math (fp32: within 1e-5).
     attention: str = "sdpa"
-    prompter: PrompterConfig = field(default_factory=PrompterConfig)
+    prompter: PrompterConfig = field(default_factory=PrompterConfig)  # CLOC region prompter
 
     def validate(self, key: str) -> None:
         self.vision.validate(f"{key}.vision")
@@ -165,7 +169,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 @dataclass
 class TrainConfig:
-    steps: int = 4
+    steps: int = 4              # optimizer steps of the run (the schedule ends here)
     micro_batch_size: int = 8   # per data-parallel rank, per microbatch
     num_microbatches: int = 1   # gradient accumulation / pipeline microbatches
     loss: str = "clip"          # clip (softmax InfoNCE) | siglip (sigmoid); global batch
@@ -173,19 +177,19 @@ class TrainConfig:
     # Negatives from the micro-batches of every data-parallel rank (features gathered, CLIP's
     # global batch); false: each rank's micro-batch alone.
     global_contrastive: bool = True
-    # AdamW; no weight decay on norms, biases, embeddings of rank < 2, logit scale / bias.
-    lr: float = 1e-3
+    lr: float = 1e-3            # AdamW peak learning rate (after warmup)
+    # AdamW decoupled weight decay; none on norms, biases, embeddings of rank < 2, logit
+    # scale / bias.
     weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.98
-    eps: float = 1e-6
+    beta1: float = 0.9          # AdamW first-moment decay
+    beta2: float = 0.98         # AdamW second-moment decay (CLIP: 0.98)
+    eps: float = 1e-6           # AdamW denominator epsilon
     lr_mult_experts: float = 1.0  # expert FFN params learn at lr * this
     lr_mult_routers: float = 1.0  # router (gate) params learn at lr * this
-    # Linear warmup from 0 over warmup_steps, then cosine decay to lr * min_lr_ratio at `steps`
-    # (or constant).
-    warmup_steps: int = 0
+    warmup_steps: int = 0       # linear warmup of the lr from 0 over this many steps
+    # After warmup: cosine (decay to lr * min_lr_ratio at train.steps) | constant
     lr_schedule: str = "cosine"
-    min_lr_ratio: float = 0.0
+    min_lr_ratio: float = 0.0   # the cosine schedule's final lr, as a fraction of lr
     grad_clip: float = 1.0      # on the true global norm over TP/PP/EP; 0: off
     max_logit_scale: float = 100.0  # CLIP clamps exp(logit_scale) at 100
     # bf16: bf16 params + activations, fp32 master weights / moments / grad reduction;
@@ -195,12 +199,12 @@ class TrainConfig:
     # A step whose loss or gradient norm is not finite is skipped (no update) and counted;
     # this many in a row abort the run.
     max_nonfinite_steps: int = 5
-    seed: int = 0
+    seed: int = 0               # parameter init and per-rank RNG (dropout, noisy gates)
     # What trains (the rest is frozen: no gradient, no optimizer state): empty or [all];
     # ffn (dense MLPs and MoE experts), experts, router, or globs over canonical parameter
     # names (e.g. "visual.transformer.layers.11.mlp.*"); entries add up.
     trainable: list[str] = field(default_factory=list)
-    log_every: int = 1
+    log_every: int = 1          # steps between metric lines (metrics.jsonl, TensorBoard)
     tensorboard: bool = True    # run_dir/tensorboard next to run_dir/metrics.jsonl
     progress_bar: bool = True   # rank 0 only, when stderr is a terminal
 
@@ -286,9 +290,9 @@ class EvalSetConfig:
     files beside the set (see EvalConfig)."""
     urls: str = ""          # WebDataset shards (any data.eval_urls spec, clip_benchmark's dir)
     csv: str = ""           # or a CSV set (as eval.csv)
-    csv_image_key: str = "filepath"
-    csv_caption_key: str = "title"
-    csv_label_key: str = ""
+    csv_image_key: str = "filepath"  # the CSV's image path column (as eval.csv_image_key)
+    csv_caption_key: str = "title"   # the CSV's caption column (as eval.csv_caption_key)
+    csv_label_key: str = ""          # the CSV's class label column; empty: none
     tasks: list[str] = field(default_factory=list)           # empty: eval.tasks
     classnames: list[str] | str = field(default_factory=list)  # empty: eval.classnames
     templates: list[str] | str = field(default_factory=list)   # empty: eval.templates
@@ -317,9 +321,9 @@ class EvalConfig:
     # A CSV eval set instead of data.eval_urls (tab-separated if it ends in .tsv): one row per
     # (image, caption), image paths relative to the CSV's folder; the label column is optional.
     csv: str = ""
-    csv_image_key: str = "filepath"
-    csv_caption_key: str = "title"
-    csv_label_key: str = ""
+    csv_image_key: str = "filepath"  # eval.csv column with the image path
+    csv_caption_key: str = "title"   # eval.csv column with the caption
+    csv_label_key: str = ""          # eval.csv column with the class label; empty: none
     # Class names in label order, or a built-in set (imagenet). Empty: classnames.txt (one per
     # line; clip_benchmark's) beside the shards or one folder up, else `classnames` of the
     # dataset.json that tools/make_shards.py writes beside them.
@@ -353,13 +357,14 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    dmu: DMUConfig = field(default_factory=DMUConfig)  # `python -m trainer.dmu` only
+    model: ModelConfig = field(default_factory=ModelConfig)  # architecture: towers, MoE, prompter
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # TP / PP / EP degrees
+    train: TrainConfig = field(default_factory=TrainConfig)  # batch, loss, optimizer, schedule
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # load, save, resume
+    data: DataConfig = field(default_factory=DataConfig)  # shards, loader, augmentation, tokenizer
+    eval: EvalConfig = field(default_factory=EvalConfig)  # zero-shot, retrieval, region eval
+    dmu: DMUConfig = field(default_factory=DMUConfig)  # DMU / CLIP-MoE phases (trainer.dmu)
+    # Where config.json, metrics.jsonl, tensorboard/ and exit_status.json go
     run_dir: str = "runs/default"
 
     def validate(self) -> None:
@@ -448,7 +453,9 @@ def from_dict(cls: type, raw: dict, key: str = "") -> Any:
         dotted = f"{key}.{name}" if key else str(name)
         if name not in names:
             known = ", ".join(sorted(names))
-            raise ConfigError(f"unknown config key '{dotted}' (known here: {known})")
+            guesses = did_you_mean(dotted, str(name), sorted(names), Config)
+            hint = f"did you mean {' or '.join(map(repr, guesses))}? " if guesses else ""
+            raise ConfigError(f"unknown config key '{dotted}' ({hint}known here: {known})")
         kwargs[name] = _coerce(hints[name], value, dotted)
     return cls(**kwargs)
 
@@ -566,9 +573,12 @@ def _expand_preset(raw: dict) -> dict:
 
 
 def read_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+    """A config file by path, or by the name of a shipped config (``smoke``, ``b16_upcycle``)."""
+    found = resolve_config_path(path)
+    if found is None:
+        raise ConfigError(f"config file {str(path)!r} does not exist (shipped configs: "
+                          f"{', '.join(named_configs()) or 'none found'})")
+    path = found
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -580,12 +590,50 @@ def read_yaml(path: str | Path) -> dict:
     return raw
 
 
+# (model side, data side): values that must agree. The data side follows the model side unless
+# only it is given; both given and different is an error naming both.
+PAIRED_KEYS = (("train.micro_batch_size", "data.batch_size"),
+               ("model.vision.image_size", "data.image_size"),
+               ("model.text.context_length", "data.tokenizer.context_length"))
+
+
+def _given(raw: dict, dotted: str) -> bool:
+    node: Any = raw
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _set_dotted(obj: Any, dotted: str, value: Any) -> None:
+    parent, _, last = dotted.rpartition(".")
+    setattr(get_dotted(obj, parent) if parent else obj, last, value)
+
+
+def derive_paired(cfg: Config, given: dict) -> None:
+    """Make each PAIRED_KEYS pair equal: the side given in ``given`` (the YAML + overrides
+    before preset expansion; a preset counts as the model, not as given) wins, the model
+    side when neither or both are; both given and different is a ConfigError."""
+    for model_key, data_key in PAIRED_KEYS:
+        m, d = get_dotted(cfg, model_key), get_dotted(cfg, data_key)
+        if m == d:
+            continue
+        if _given(given, model_key) and _given(given, data_key):
+            raise ConfigError(f"{data_key}={d} and {model_key}={m} are both set and differ; "
+                              f"set one of them (the other follows)")
+        if _given(given, data_key):
+            _set_dotted(cfg, model_key, d)
+        else:
+            _set_dotted(cfg, data_key, m)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """defaults < YAML file < overrides; then preset expansion and validation."""
-    raw = read_yaml(path) if path else {}
-    raw = deep_merge(raw, parse_overrides(overrides or []))
-    raw = _expand_preset(raw)
-    cfg = from_dict(Config, raw)
+    """defaults < YAML file < overrides; then preset expansion, the paired keys, validation."""
+    given = read_yaml(path) if path else {}
+    given = deep_merge(given, parse_overrides(overrides or []))
+    cfg = from_dict(Config, _expand_preset(given))
+    derive_paired(cfg, given)
     cfg.validate()
     return cfg
 

@@ -18,13 +18,22 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
 log = logging.getLogger("upclip")
 
+# How a trainer process ends. No torch import at module level: ``python -m trainer.train``
+# installs the stop handlers before it checks the config, and a bad config must fail fast.
+EXIT_DONE = 0
+EXIT_BAD_INPUT = 2    # bad config, layout, launch environment or missing shards (one line)
 EXIT_REQUEUE = 3      # saved after a stop signal: requeue me
 EXIT_NONFINITE = 4    # too many non-finite steps in a row: a human must look
+EXIT_CODES = {
+    EXIT_DONE: "done (train.steps reached)",
+    1: "crashed (a Python traceback on stderr)",
+    EXIT_BAD_INPUT: "bad input: config, layout, launch environment, data paths (one "
+                    "'error: ...' line)",
+    EXIT_REQUEUE: "stopped by SIGUSR1/SIGTERM after saving a checkpoint: requeue to resume",
+    EXIT_NONFINITE: "too many non-finite steps in a row (train.max_nonfinite_steps)",
+}
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
@@ -78,6 +87,9 @@ class StopSignals:
     def agree(self, step_ok: bool) -> tuple[bool, bool]:
         """Collective, once per step: (every rank's step was finite, some rank got a signal),
         the same on every rank, in one all-reduce."""
+        import torch
+        import torch.distributed as dist
+
         device = "cuda" if torch.cuda.is_available() else "cpu"  # NCCL wants device tensors
         flags = torch.tensor([0.0 if step_ok else 1.0, 1.0 if self.received else 0.0],
                              device=device)

@@ -19,6 +19,7 @@ import torch
 
 from trainer import checkpoint
 from trainer.config import Config, ConfigError, config_from_saved, config_to_dict, load_config
+from trainer.config_cli import parse_config_args
 from trainer.distributed import init_distributed, read_launch_env
 from trainer.distributed.layout import ParallelLayout
 from trainer.models.build import build_for_training
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="checkpoint root for the MoE model")
     p.add_argument("--config", help="YAML config with the moe settings")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    args = p.parse_args(argv)
+    args = parse_config_args(p, sys.argv[1:] if argv is None else argv, Config)
 
     try:
         cfg = load_config(args.config, args.overrides)

@@ -72,9 +72,10 @@ def test_shipped_configs_load():
 def test_data_section_errors_name_key():
     with pytest.raises(ConfigError, match="data.batch_size=0 must be > 0"):
         load_config(None, ["data.batch_size=0"])
-    with pytest.raises(ConfigError, match="data.tokenizer.context_length=77 != "
-                                          "model.text.context_length=16"):
-        load_config(None, ["data.train_urls=/x/{000..001}.tar"])
+    with pytest.raises(ConfigError, match="data.tokenizer.context_length=77 and "
+                                          "model.text.context_length=16 are both set and differ"):
+        load_config(None, ["data.train_urls=/x/{000..001}.tar",
+                           "data.tokenizer.context_length=77", "model.text.context_length=16"])
 
 
 def test_float_without_dot():

@@ -10,10 +10,11 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass
 class TokenizerConfig:
-    # CLIP BPE needs nothing else; sentencepiece needs model_path. context_length must equal
-    # model.text.context_length.
+    # CLIP BPE needs nothing else; sentencepiece needs model_path.
     kind: str = "clip_bpe"        # "clip_bpe" | "sentencepiece"
     model_path: str = ""          # sentencepiece model file (kind == "sentencepiece")
+    # Tokens per caption, padded or truncated; follows model.text.context_length unless set
+    # (both set: they must be equal).
     context_length: int = 77
     add_bos: bool = True          # sentencepiece: prepend bos (its sot token)
     lowercase: bool = False       # sentencepiece: lower-case before encoding
@@ -25,20 +26,20 @@ class DataConfigError(ValueError):
 
 @dataclass
 class AugmentConfig:
-    # Training: random resized crop (area fraction `scale_*`, aspect ratio `ratio_*`) then an
-    # optional horizontal flip. Evaluation: resize the short side + center crop.
-    scale_min: float = 0.9
-    scale_max: float = 1.0
-    ratio_min: float = 0.75
-    ratio_max: float = 4.0 / 3.0
+    """Training: random resized crop (area fraction `scale_*`, aspect ratio `ratio_*`) then an
+    optional horizontal flip. Evaluation: resize the short side + center crop."""
+    scale_min: float = 0.9            # smallest crop area fraction
+    scale_max: float = 1.0            # largest crop area fraction
+    ratio_min: float = 0.75           # smallest crop aspect ratio (width / height)
+    ratio_max: float = 4.0 / 3.0      # largest crop aspect ratio
     hflip_prob: float = 0.0           # region captions often say left/right: off by default
     interpolation: str = "bicubic"    # bicubic | bilinear | nearest
-    mean: list[float] = field(default_factory=lambda: list(CLIP_MEAN))
-    std: list[float] = field(default_factory=lambda: list(CLIP_STD))
+    mean: list[float] = field(default_factory=lambda: list(CLIP_MEAN))  # per-channel (RGB) mean
+    std: list[float] = field(default_factory=lambda: list(CLIP_STD))    # per-channel (RGB) std
     # A box is kept after a crop when at least this fraction of its area is still visible and
     # it is at least `min_box_size` output pixels wide and high.
     min_box_visibility: float = 0.5
-    min_box_size: float = 2.0
+    min_box_size: float = 2.0         # smallest kept box side, in output pixels
     # Decode JPEGs at a reduced size (libjpeg DCT scaling by 1/2, 1/4 or 1/8) when the crop
     # still has at least S x S decoded pixels: the resize then starts from fewer pixels. The
     # crop and the boxes are computed in stored-image pixels either way; only the pixel values
@@ -81,12 +82,14 @@ class DataConfig:
     # *.tar), or "pipe:CMD" (e.g. "pipe:aws s3 cp s3://b/x-{000..009}.tar -").
     train_urls: str = ""
     eval_urls: str = ""               # class-labelled eval split (zero-shot); may be empty
-    batch_size: int = 8               # per rank
+    # Samples per loader batch, per rank: one microbatch; follows train.micro_batch_size
+    # unless set (both set: they must be equal).
+    batch_size: int = 8
     eval_batch_size: int = 0          # 0: batch_size
     workers: int = 2                  # DataLoader workers per rank (0: in the main process)
-    prefetch_factor: int = 2
-    pin_memory: bool = False
-    seed: int = 0
+    prefetch_factor: int = 2          # batches each worker loads ahead
+    pin_memory: bool = False          # page-locked batches (faster host-to-GPU copies)
+    seed: int = 0                     # shard and sample shuffling
     shuffle_shards: bool = True       # per-epoch permutation of the shard list
     shuffle_buffer: int = 1000        # sample shuffle buffer per worker; 0 or 1: no shuffle
     resampled: bool = False           # draw shards with replacement, endless per-worker streams
@@ -97,10 +100,12 @@ class DataConfig:
     # A JSON label table {"labels": {sample key: group}} (DMU writes one per stage): every
     # training batch then holds samples of one group only (grouping.py); empty: plain batches.
     group_labels: str = ""
+    # Side of the square training images; follows model.vision.image_size unless set (both
+    # set: they must be equal).
     image_size: int = 224
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # crops, flips, normalisation
     max_regions: int = 0              # R: region boxes/captions per image (0: global loss only)
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)  # caption tokenizer
     # Where images are CLIP-normalised. "loader": batch["images"] is float32, normalised by the
     # data workers. "device": batch["images"] stays uint8 [B, 3, S, S] (4x less to collate,
     # pin and copy); the training step calls `trainer.data.normalize_on_device(images, mean,

@@ -30,7 +30,7 @@ class DMUConfig:
     # key=value overrides (the trainer's syntax) for the MCL stages and for the router phase,
     # applied on top of this config: e.g. ["train.steps=2000", "train.lr=1.0e-5"].
     stage: list[str] = field(default_factory=list)
-    router: list[str] = field(default_factory=list)
+    router: list[str] = field(default_factory=list)   # overrides for the router phase
 
     def validate(self, key: str) -> None:
         if self.clusters < 1:

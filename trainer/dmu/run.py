@@ -32,8 +32,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.config import (Config, ConfigError, config_to_dict, deep_merge, from_dict,
-                            load_config, parse_overrides)
+from trainer.config import (Config, ConfigError, config_to_dict, deep_merge, derive_paired,
+                            from_dict, load_config, parse_overrides)
+from trainer.config_cli import parse_config_args
 from trainer.distributed.launch import LaunchError, read_launch_env
 from trainer.distributed.layout import LayoutError, ParallelLayout
 from trainer.moe.upcycle import dense_config
@@ -56,7 +57,9 @@ class Plan:
 
 def _with_overrides(cfg: Config, items: list[str], key: str) -> Config:
     try:
-        out = from_dict(Config, deep_merge(config_to_dict(cfg), parse_overrides(items)))
+        given = parse_overrides(items)
+        out = from_dict(Config, deep_merge(config_to_dict(cfg), given))
+        derive_paired(out, given)  # a stage's train.micro_batch_size carries data.batch_size
     except ConfigError as e:
         raise ConfigError(f"{key}: {e}") from None
     if config_to_dict(out.model) != config_to_dict(cfg.model):
@@ -212,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file (configs/dmu_*.yaml)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides (after the YAML)")
-    args = p.parse_args(argv if argv is not None else sys.argv[1:])
+    args = parse_config_args(p, sys.argv[1:] if argv is None else argv, Config)
     try:
         cfg = load_config(args.config, args.overrides)
         plan = make_plan(cfg)

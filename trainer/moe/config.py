@@ -41,14 +41,14 @@ class AuxLossConfig:
 
 @dataclass
 class MoEConfig:
-    num_experts: int = 0          # 0: dense tower
+    num_experts: int = 0          # experts E per MoE block; 0: dense tower
     every: int = 0                # MoE at blocks k-1, 2k-1, ...
     last: int = 0                 # MoE at the last n blocks
     layers: list[int] = field(default_factory=list)  # explicit 0-based block indices
-    top_k: int = 2                # 1 or 2
-    capacity_factor: float = 2.0  # training; capacity = ceil(tokens / E * factor * top_k)
-    eval_capacity_factor: float = 2.0
-    min_capacity: int = 4
+    top_k: int = 2                # experts per token (or image): 1 or 2
+    capacity_factor: float = 2.0  # in training: capacity = ceil(tokens / E * factor * top_k)
+    eval_capacity_factor: float = 2.0  # capacity_factor at evaluation / inference
+    min_capacity: int = 4         # capacity is at least this many tokens per expert
     drop_tokens: bool = True      # capacity mode only; False: capacity = the busiest expert's load
     dispatch: str = "capacity"    # capacity (DeepSpeed buffers + all-to-all) | dropless (ragged)
     # auto: the CUDA extension when built and the call fits, else torch's grouped mm where it
@@ -59,14 +59,14 @@ class MoEConfig:
     # ties every probability at 1/E: top-k then sends every token to the same experts, which
     # overflows their capacity (drops break function preservation) unless capacity is ample.
     router_init: str = "normal"   # normal | zeros
-    router_init_std: float = 0.02
+    router_init_std: float = 0.02  # std of the router weights when router_init=normal
     routing: str = "token"        # token | image (Mobile V-MoE: one decision per image)
     image_router_input: str = "cls"  # image routing reads the class token or the mean token
     # Class label -> super-class (= expert index), used when aux.superclass > 0: the list
     # itself, or a JSON file holding it (or {"superclass_of_class": [...]}, which
     # `python -m trainer.dmu.superclass` writes from k-means of class-name text embeddings).
     superclass_map: str | list[int] = ""
-    aux: AuxLossConfig = field(default_factory=AuxLossConfig)
+    aux: AuxLossConfig = field(default_factory=AuxLossConfig)  # router aux loss weights
 
     @property
     def enabled(self) -> bool:
