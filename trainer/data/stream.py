@@ -302,18 +302,19 @@ class Cursor:
     counters: dict = field(default_factory=dict)
     # label-grouped batches (grouping.py): hand-outs waiting in a partly filled group
     pending: list[int] = field(default_factory=list)
+    checked: list[int] = field(default_factory=list)  # of those, decoded (counted) once already
 
     def to_dict(self) -> dict:
         return {"emitted": self.emitted, "total": self.total, "shard_sizes": list(self.shard_sizes),
                 "batches": self.batches, "done": self.done, "counters": dict(self.counters),
-                "pending": list(self.pending)}
+                "pending": list(self.pending), "checked": list(self.checked)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Cursor":
         return cls(int(d["emitted"]), int(d["total"]), [int(v) for v in d["shard_sizes"]],
                    int(d["batches"]), bool(d["done"]),
                    {k: int(v) for k, v in d["counters"].items()},
-                   [int(v) for v in d.get("pending", [])])
+                   [int(v) for v in d.get("pending", [])], [int(v) for v in d.get("checked", [])])
 
 
 def replay_buffer(size: int, rng: random.Random, emitted: int, total: int) -> tuple[list[int], int]:
