@@ -7,6 +7,7 @@ import zlib
 
 import psutil
 import pytest
+from data_resume import stop_and_resume
 
 from trainer.data.config import DataConfig
 from trainer.data.pipeline import build_train_loader
@@ -91,17 +92,8 @@ def test_grouped_resume_with_bad_samples_counts_once(corrupted):
     ref = [_fp(b) for b in build_train_loader(cfg, 0, 1)]
     held_checked = False
     for stop in (2, 4, 6, 9):
-        loader = build_train_loader(cfg, 0, 1)
-        got = []
-        for b in loader:
-            got.append(_fp(b))
-            if len(got) == stop:
-                break
-        state = json.loads(json.dumps(loader.state_dict()))
+        got, state, resumed = stop_and_resume(lambda: build_train_loader(cfg, 0, 1), stop, _fp)
         held_checked |= any(c["checked"] for c in state["cursors"])
-        resumed = build_train_loader(cfg, 0, 1)
-        resumed.load_state_dict(state)
-        got += [_fp(b) for b in resumed]
         assert got == ref, stop
         assert resumed.counters["corrupt_image"] == sum(1 for k in table if int(k[-3:]) % 7 == 3)
     assert held_checked  # some resume restored survivors of a bucket that held a bad sample

@@ -35,6 +35,7 @@ from typing import Iterator
 
 from trainer.data.collate import Example
 from trainer.data.counters import DataCounters
+from trainer.data.position import slot_seed
 from trainer.data.stream import Cursor, SampleStream, mix_seed
 
 log = logging.getLogger("trainer.data")
@@ -62,8 +63,8 @@ def grouped_worker_items(ds, w: int) -> Iterator[dict]:
     start = ds.cursors[w]
     counters = DataCounters(start.counters)
     replayed = DataCounters()  # what a resume re-reads was counted before the checkpoint
-    stream = SampleStream(lambda: ds.shards_of(w), ds.shuffle_buffer if ds.train else 1,
-                          mix_seed(ds.seed, ds.epoch, ds.rank, w), Cursor(),
+    stream = SampleStream(lambda: ds.shards_of(w), ds.buffer_size,
+                          slot_seed(ds.seed, ds.epoch, ds.rank, w), Cursor(),
                           counters if start.emitted == 0 else replayed)
     waiting, checked = set(start.pending), set(start.checked)
     buckets: dict[int, list[_Waiting]] = {}
