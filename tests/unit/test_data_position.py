@@ -148,3 +148,44 @@ def test_resampled_continues_the_instance_sequence(pattern):
     # the first instances (read by both old ranks before the stop) were consumed in full
     first = Counter(k for _, shard in instances[:4] for k in keys_of[shard])
     assert not first - got, first - got
+
+
+def _batches(pattern: str, dist1, **data):
+    from trainer.config import load_config
+    from trainer.data.batches import Batches
+
+    cfg = load_config(None, ["model.preset=tiny"])
+    cfg.data = _cfg(pattern, 1, **data)
+    return Batches(cfg, dist1, None)
+
+
+def _version1(state: dict) -> dict:
+    """A rank's state as checkpoints before the layout-independent position kept it."""
+    return {k: v for k, v in state.items()
+            if k not in ("carry", "shuffle_buffer", "shuffle_shards")} | {"version": 1}
+
+
+@pytest.mark.parametrize("resampled", [False, True])
+def test_old_checkpoint_data_state(pattern, dist1, caplog, resampled):
+    """A checkpoint from before (per-rank state in rank_state, no position): at the same
+    layout an epoch-mode state resumes exactly; a resampled one (its shards were drawn per
+    worker) or one saved at another layout gives a warning saying the rest of the epoch is
+    skipped, and the next epoch starts."""
+    data = {"resampled": True, "batches_per_epoch": 12} if resampled else {}
+    ref = _batches(pattern, dist1, **data)
+    keys = [ref.next(s)[0]["keys"] for s in range(1, 9)]
+    run = _batches(pattern, dist1, **data)
+    for s in range(1, 5):
+        run.next(s)
+    old = json.loads(json.dumps(_version1(run.loader.state_dict())))
+    resumed = _batches(pattern, dist1, **data)
+    resumed.resume(None, old, epoch_hint=0)
+    if not resampled:
+        assert [resumed.next(s)[0]["keys"] for s in range(5, 9)] == keys[4:]
+    else:
+        assert resumed.loader.epoch == 1 and "drew its resampled shards per worker" in caplog.text
+    other = _batches(pattern, dist1, **data)
+    other.resume(None, None, epoch_hint=0)  # rank_state not restored: saved at another layout
+    assert other.loader.epoch == 1
+    assert "was saved at another data-parallel layout: the rest of its epoch 0 cannot be " \
+           "located and is skipped; starting epoch 1" in caplog.text

@@ -77,14 +77,19 @@ class Batches:
             return
         if position is not None:
             self.loader.load_position(position)
-        elif rank_state is not None:
+            return
+        why = None
+        if rank_state is None:
+            why = "was saved at another data-parallel layout"
+        elif rank_state.get("version") == 1 and rank_state.get("resampled"):
+            why = "drew its resampled shards per worker, where an epoch is now one sequence"
+        if why is None:
             self.loader.load_state_dict(rank_state)
-        else:
-            log.warning("data: the checkpoint predates layout-independent data positions and "
-                        "was saved at another data-parallel layout: the rest of its epoch %d "
-                        "cannot be located and is skipped; starting epoch %d", epoch_hint,
-                        epoch_hint + 1)
-            self.loader.set_epoch(epoch_hint + 1)
+            return
+        log.warning("data: the checkpoint predates layout-independent data positions and %s: "
+                    "the rest of its epoch %d cannot be located and is skipped; starting epoch "
+                    "%d", why, epoch_hint, epoch_hint + 1)
+        self.loader.set_epoch(epoch_hint + 1)
 
     def skipped(self) -> int:
         return 0 if self.loader is None else self.loader.counters.skipped()
