@@ -189,3 +189,30 @@ def test_old_checkpoint_data_state(pattern, dist1, caplog, resampled):
     assert other.loader.epoch == 1
     assert "was saved at another data-parallel layout: the rest of its epoch 0 cannot be " \
            "located and is skipped; starting epoch 1" in caplog.text
+
+
+def test_rank_ahead_in_the_next_epoch(pattern, caplog):
+    """Epoch mode without data.batches_per_epoch: 8 shards over 3 ranks give ranks 0, 1 nine
+    batches and rank 2 six, so after 8 steps (the trainer starts a finished rank's next epoch)
+    rank 2 is in epoch 1. A DP 3 -> 1 resume finishes epoch 0 (every sample once) and warns
+    that rank 2's reads of epoch 1 will be read again."""
+    loaders = _loaders(_cfg(pattern, 1), 3)
+    its = [iter(loader) for loader in loaders]
+    epoch0 = []
+    for _ in range(8):
+        for r, loader in enumerate(loaders):
+            epoch = loader.epoch
+            batch = next(its[r], None)
+            if batch is None:  # this rank's epoch ended: the trainer starts its next one
+                its[r] = iter(loader)
+                epoch, batch = loader.epoch, next(its[r])
+            if epoch == 0:
+                epoch0 += batch["keys"]
+    for it in its:
+        it.close()
+    position = data_position([loader.state_dict() for loader in loaders])
+    assert [r["epoch"] for r in position["ranks"]] == [0, 0, 1]
+    (resumed,) = _loaders(_cfg(pattern, 1), 1, position)
+    rest = [k for b in resumed for k in b["keys"]]
+    _check_once(epoch0 + rest, _all_keys())
+    assert "ranks [2] of the checkpoint had finished epoch 0 and started the next" in caplog.text

@@ -131,12 +131,15 @@ def carry_after(urls: list[str], carry: EpochCarry, cursors: list[Cursor | None]
     slots = len(cursors)
     out = EpochCarry(set(carry.done), dict(carry.left))
     size = max(1, buffer_size)
+    work = epoch_items(urls, carry, seed=seed, epoch=epoch, shuffle=shuffle, resampled=resampled)
+    if resampled:  # endless: as far as the furthest slot got
+        if any(cur is None for cur in cursors):
+            raise ValueError("a resampled epoch has no end: every slot needs a cursor")
+        work = islice(work, slots * max(len(cur.shard_sizes) + 1 for cur in cursors))
+    work = list(work)
     for s, cur in enumerate(cursors):
-        items = slot_items(epoch_items(urls, carry, seed=seed, epoch=epoch, shuffle=shuffle,
-                                       resampled=resampled), s, slots)
+        items = work[s::slots]
         if cur is None:
-            if resampled:
-                raise ValueError("a resampled epoch has no end: every slot needs a cursor")
             for item in items:
                 out.set(item.instance, (), None)
             continue
