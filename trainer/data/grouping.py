@@ -22,7 +22,9 @@ seed, epoch, rank, world, workers, table).
   (``Cursor.pending``). A resumed worker replays its stream from the start of the epoch
   (reading the tars again, keeping only the waiting samples, decoding nothing)
   and continues from there, so it yields exactly the batches an uninterrupted run would have.
-  The price is re-reading the worker's shards of the epoch up to the resume point.
+  The price is re-reading the worker's shards of the epoch up to the resume point. At another
+  data layout (position.py) the waiting samples count as not consumed: the new layout reads
+  them again, into its own buckets.
 """
 from __future__ import annotations
 

@@ -6,6 +6,9 @@
         ckpt["data"] = loader.state_dict()     # per rank; small and JSON-serialisable
     loader.load_state_dict(ckpt["data"])       # the next iteration continues exactly there
 
+    position = data_position([state of every DP rank])  # position.py: the job's position
+    loader.load_position(position)  # any DP size / data.workers: the rest of the epoch
+
 Each DataLoader worker w of rank r is one logical stream (see stream.py). Workers yield whole
 batches tagged with their cursor; the loader takes batches from the workers in a fixed
 round-robin order (skipping finished workers), whatever order they arrive in, so the batch

@@ -1,7 +1,8 @@
 """Per-worker sample streams with an exact, cheap resume.
 
-Each (rank, worker) pair reads its own sequence of shards (a disjoint slice of a per-epoch
-permutation, or an endless draw with replacement when resampled) and shuffles samples through a
+Each (rank, worker) pair reads its own sequence of shards (its slice of the epoch's work list,
+position.py: a per-epoch permutation, or an endless draw with replacement when resampled) and
+shuffles samples through a
 buffer whose picks depend only on the RNG and the sample count, never on the data. So the
 buffer's state at any point can be recomputed from a `Cursor` (samples handed out, stream
 length once known, sizes of the shards read) by replaying the picks on integers; on resume the
