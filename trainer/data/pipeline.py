@@ -279,7 +279,7 @@ class ShardLoader:
                             workers=workers, seed=ds.seed, epoch=epoch, shuffle=ds.shuffle_shards,
                             resampled=ds.resampled, buffer_size=int(position["shuffle_buffer"]))
         ahead = [r for r, st in enumerate(ranks) if int(st["epoch"]) > epoch]
-        if ahead:
+        if ahead and ds.rank == 0:
             log.warning("data: ranks %s of the checkpoint had finished epoch %d and started the "
                         "next; what they read of it will be read again (set "
                         "data.batches_per_epoch to keep ranks in step)", ahead, epoch)
@@ -293,9 +293,9 @@ class ShardLoader:
                 *(c["counters"] for c in st["cursors"])) for st in own)).as_dict()
         if ds.rank == 0:
             log.info("data: resuming epoch %d at %d ranks x %d workers (saved at %d x %d): %d "
-                     "shards done, %d partly read with %d samples to re-read", epoch, ds.world,
-                     ds.num_workers, len(ranks), workers, len(carry.done), len(carry.left),
-                     sum(len(h) for h, _ in carry.left.values()))
+                     "shards done, %d partly read (%d samples below their read point to "
+                     "re-read)", epoch, ds.world, ds.num_workers, len(ranks), workers,
+                     len(carry.done), len(carry.left), sum(len(h) for h, _ in carry.left.values()))
 
 
 # ---------------------------------------------------------------------- builders
