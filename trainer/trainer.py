@@ -241,19 +241,21 @@ class Trainer:
     def save(self, step: int) -> None:
         b = self.batches
         self.state["data_epoch"] = b.loader.epoch if b.loader is not None else 0
+        position = b.position()  # collective over DP, before the save's own collectives
         with stop_signals_blocked():  # helper processes the save starts must outlive a signal
             checkpoint.save_checkpoint(
                 self.cfg.checkpoint.save_dir, step, self.model, config_to_dict(self.cfg),
-                self.layout, optimizer=self.optimizer, train_state=dict(self.state, step=step),
-                rank_state={"rng": rng_state(), "data": b.state_dict()},
-                keep_last=self.cfg.checkpoint.keep_last)
+                self.layout, optimizer=self.optimizer,
+                train_state=dict(self.state, step=step, data_position=position),
+                rank_state={"rng": rng_state()}, keep_last=self.cfg.checkpoint.keep_last)
 
     def resume(self, path: Path) -> None:
         manifest, rank_state = checkpoint.load_checkpoint(path, self.model, self.layout,
                                                           optimizer=self.optimizer)
-        self.state.update(manifest.get("train_state") or {})
+        train_state = dict(manifest.get("train_state") or {})
+        position = train_state.pop("data_position", None)
+        self.state.update(train_state)
         if rank_state is not None:
             set_rng_state(rank_state["rng"])
-        self.batches.load_state_dict(rank_state["data"] if rank_state else None,
-                                     self.state["data_epoch"])
+        self.batches.resume(position, (rank_state or {}).get("data"), self.state["data_epoch"])
         self.log_rank0(logging.INFO, "resumed from %s at step %d", path, self.state["step"])

@@ -16,6 +16,9 @@
   hook): no extra launch.
 - Resume exactness: a rank killed with SIGKILL mid-run, the job restarted: every step's loss
   after the restart equals the uninterrupted run's within 1e-6 (measured: identical).
+- Data position across a layout change: the DP=2 run's step-6 checkpoint (mid-epoch) resumed
+  by one process trains on exactly the rest of the epoch (sample keys logged per step by
+  train_dump_eval.py: before + after = the uninterrupted epoch, none twice).
 - SIGUSR1 to one rank: both ranks finish the step, save, exit with EXIT_REQUEUE (3); the
   restarted job continues to the same losses (1e-6).
 - One process: SIGUSR1 gives exit code 3 (rerun with a smaller train.steps: one line saying
@@ -199,6 +202,37 @@ def test_resume_after_kill9(runs, shards, tmp_path):
     ref, got = losses(base / "moe"), losses(tmp_path)
     assert sorted(got) == list(range(1, STEPS + 1))
     assert max(abs(got[s] - ref[s]) for s in ref) <= 1e-6, (got, ref)
+
+
+def step_keys(run_dir: Path) -> dict[int, list[str]]:
+    """The sample keys each step trained on, all data-parallel ranks (train_dump_eval.py)."""
+    out: dict[int, list[str]] = {}
+    for f in sorted((run_dir / "keys").glob("rank_*.jsonl")):
+        for line in f.read_text().splitlines():
+            row = json.loads(line)
+            out.setdefault(row["step"], []).extend(row["keys"])
+    return out
+
+
+def test_data_position_survives_dp2_to_dp1(runs, shards, tmp_path):
+    """The MoE run (DP=2, 1 worker: 4 steps of 2 x 64 per 512-sample epoch) resumed from its
+    step-6 checkpoint, in epoch 1 after 2 of its 4 steps, by one process (DP=1, EP=1):
+    steps 7-10 (64 samples each) train on exactly the 256 samples of epoch 1 that steps 5-6 did
+    not, so epoch 1 as a whole is the uninterrupted run's epoch 1 (all 512, none twice)."""
+    base, _ = runs
+    ref = step_keys(base / "moe")
+    epoch = sorted(k for s in (5, 6, 7, 8) for k in ref[s])
+    assert len(epoch) == len(set(epoch)) == 512  # the uninterrupted epoch: every sample once
+    shutil.copytree(base / "moe/ckpt/step_00000006", tmp_path / "ckpt/step_00000006")
+    (tmp_path / "ckpt/latest").write_text("step_00000006\n")
+    rc, out = finish(launch(overrides(shards, tmp_path, **{"train.steps": 10, "parallel.ep": 1}),
+                            nproc=1, dump_eval=True))
+    assert rc == 0, out[-4000:]
+    assert "resuming epoch 1 at 1 ranks x 1 workers (saved at 2 x 1)" in out, out[-4000:]
+    got = step_keys(tmp_path)
+    assert sorted(got) == [7, 8, 9, 10] and all(len(got[s]) == 64 for s in got), got.keys()
+    seen = ref[5] + ref[6] + [k for s in (7, 8, 9, 10) for k in got[s]]
+    assert sorted(seen) == epoch, (len(seen), len(set(seen)))
 
 
 def test_sigusr1_saves_and_requeues(runs, shards, tmp_path):

@@ -1,4 +1,5 @@
-"""``trainer.train`` that also saves every evaluation's embeddings (tests only).
+"""``trainer.train`` that also saves every evaluation's embeddings and logs the sample keys of
+every training step (tests only).
 
     torchrun --nproc_per_node=2 tests/distributed/train_dump_eval.py --config X key=value ...
 
@@ -9,6 +10,10 @@ the data-parallel ranks): before the metrics are computed, global rank 0 saves t
 before the first step when the run starts at step 0). test_train_run.py compares the upcycled
 model's first evaluation with the dense model's last: function preservation at full precision
 through the whole job, where the logged metrics (ranks, top-1) are coarse.
+
+Every rank also appends ``{"step", "dp_rank", "keys"}`` per training step to
+``RUN_DIR/keys/rank_R.jsonl`` (R: global rank): which samples each step trained on, for the
+data-position checks across a resume at another layout.
 """
 from __future__ import annotations
 
@@ -39,8 +44,33 @@ def install() -> None:
     E.compute_metrics = compute_metrics
 
 
+def install_key_log() -> None:
+    import json
+
+    import torch.distributed as dist
+
+    from trainer.data.batches import Batches
+
+    original = Batches.next
+
+    def next_(self, step: int) -> list[dict]:
+        microbatches = original(self, step)
+        if self.loader is not None:
+            out = Path(self.cfg.run_dir) / "keys"
+            out.mkdir(parents=True, exist_ok=True)
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            keys = [k for mb in microbatches for k in mb["keys"]]
+            with open(out / f"rank_{rank}.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, "dp_rank": self.layout.dp_rank,
+                                    "keys": keys}) + "\n")
+        return microbatches
+
+    Batches.next = next_
+
+
 def main() -> int:
     install()
+    install_key_log()
     from trainer import train
 
     return train.main(sys.argv[1:])

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import peers
+from data_resume import stop_and_resume
 
 TINY = str(Path(__file__).resolve().parents[2] / "configs/dmu_tiny.yaml")
 
@@ -189,17 +190,8 @@ def test_grouped_resume_is_exact(scenes, workers):
     ref = [_fp(b) for b in build_train_loader(cfg, 0, 1)]
     assert len(ref) >= 5
     for stop in (1, 3):
-        loader = build_train_loader(cfg, 0, 1)
-        got = []
-        for b in loader:
-            got.append(_fp(b))
-            if len(got) == stop:
-                break
-        state = json.loads(json.dumps(loader.state_dict()))
+        got, state, _ = stop_and_resume(lambda: build_train_loader(cfg, 0, 1), stop, _fp)
         assert any(c["pending"] for c in state["cursors"])  # samples wait in partial groups
-        resumed = build_train_loader(cfg, 0, 1)
-        resumed.load_state_dict(state)
-        got += [_fp(b) for b in resumed]
         assert got == ref, (stop, got, ref)
 
 

@@ -9,6 +9,8 @@ import torch
 from trainer.config import Config
 from trainer.data.normalize import normalize_on_device
 from trainer.data.pipeline import build_train_loader
+from trainer.data.position import data_position
+from trainer.distributed import collectives as C
 from trainer.distributed.layout import ParallelLayout
 
 log = logging.getLogger("upclip")
@@ -59,18 +61,35 @@ class Batches:
         raise RuntimeError(f"data rank {self.layout.dp_rank}: an epoch of data.train_urls="
                            f"{self.cfg.data.train_urls!r} gave no batch")
 
-    def state_dict(self) -> dict | None:
-        return None if self.loader is None else self.loader.state_dict()
+    def position(self) -> dict | None:
+        """Collective over the data-parallel group: the job's data position (every DP rank's
+        loader state merged, position.py), which any data-parallel size and data.workers can
+        resume. The same on every rank."""
+        if self.loader is None:
+            return None
+        return data_position(C.all_gather_object(self.loader.state_dict(),
+                                                 group=self.layout.dp_group()))
 
-    def load_state_dict(self, state: dict | None, epoch_hint: int) -> None:
+    def resume(self, position: dict | None, rank_state: dict | None, epoch_hint: int) -> None:
+        """Continue from a checkpoint's data position; ``rank_state``: this rank's own state in
+        checkpoints made before positions were layout-independent (same layout only)."""
         if self.loader is None:
             return
-        if state is None:  # resumed at another layout: the data position is per rank
-            log.warning("data: the checkpoint was saved at another layout; its data position "
-                        "cannot be restored exactly, starting epoch %d", epoch_hint + 1)
-            self.loader.set_epoch(epoch_hint + 1)
-        else:
-            self.loader.load_state_dict(state)
+        if position is not None:
+            self.loader.load_position(position)
+            return
+        why = None
+        if rank_state is None:
+            why = "was saved at another data-parallel layout"
+        elif rank_state.get("version") == 1 and rank_state.get("resampled"):
+            why = "drew its resampled shards per worker, where an epoch is now one sequence"
+        if why is None:
+            self.loader.load_state_dict(rank_state)
+            return
+        log.warning("data: the checkpoint predates layout-independent data positions and %s: "
+                    "the rest of its epoch %d cannot be located and is skipped; starting epoch "
+                    "%d", why, epoch_hint, epoch_hint + 1)
+        self.loader.set_epoch(epoch_hint + 1)
 
     def skipped(self) -> int:
         return 0 if self.loader is None else self.loader.counters.skipped()

@@ -11,23 +11,33 @@ seed, epoch, rank, world, workers, table).
   training; CLIP-MoE's sampler drops them too) or yielded as short batches.
 - Samples whose key is not in the table are skipped and logged (the table covers every sample
   that decoded when it was built).
-- Memory: at most ``groups x (batch_size - 1)`` processed samples wait per worker (uint8
-  images with ``data.normalize=device``: 3 * S * S bytes each).
+- Memory: buckets hold the samples as the tar stored them (encoded image, caption, JSON), at
+  most ``groups x (batch_size - 1)`` per worker; a bucket is decoded (with the augmentation
+  seed of each sample's hand-out, so the batch is the same whenever it runs) only when it is
+  full. At 729 groups, B = 64, S = 224 that is up to 729 * 63 encoded samples per worker
+  (~0.5 GB of 10 KB JPEGs) where decoded uint8 images took 6.9 GB. A sample that
+  fails to decode leaves its bucket (the bucket waits for another) and is counted then;
+  samples not in the table are skipped undecoded.
 - Resume stays exact: the worker's cursor also lists the hand-outs waiting in buckets
   (``Cursor.pending``). A resumed worker replays its stream from the start of the epoch
-  (reading the tars again, decoding only the waiting samples, with the same augmentation seeds)
+  (reading the tars again, keeping only the waiting samples, decoding nothing)
   and continues from there, so it yields exactly the batches an uninterrupted run would have.
-  The price is re-reading the worker's shards of the epoch up to the resume point.
+  The price is re-reading the worker's shards of the epoch up to the resume point. At another
+  data layout (position.py) the waiting samples count as not consumed: the new layout reads
+  them again, into its own buckets.
 """
 from __future__ import annotations
 
 import json
 import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from trainer.data.collate import Example
 from trainer.data.counters import DataCounters
+from trainer.data.position import slot_seed
 from trainer.data.stream import Cursor, SampleStream, mix_seed
 
 log = logging.getLogger("trainer.data")
@@ -55,21 +65,32 @@ def grouped_worker_items(ds, w: int) -> Iterator[dict]:
     start = ds.cursors[w]
     counters = DataCounters(start.counters)
     replayed = DataCounters()  # what a resume re-reads was counted before the checkpoint
-    stream = SampleStream(lambda: ds.shards_of(w), ds.shuffle_buffer if ds.train else 1,
-                          mix_seed(ds.seed, ds.epoch, ds.rank, w), Cursor(),
+    stream = SampleStream(lambda: ds.shards_of(w), ds.buffer_size,
+                          slot_seed(ds.seed, ds.epoch, ds.rank, w), Cursor(),
                           counters if start.emitted == 0 else replayed)
-    waiting = set(start.pending)
-    buckets: dict[int, list] = {}  # group -> [(hand-out index, Example)]
+    waiting, checked = set(start.pending), set(start.checked)
+    buckets: dict[int, list[_Waiting]] = {}
     batches, emitted, unlabelled = start.batches, start.emitted, 0
 
-    def rng(e: int) -> random.Random | None:  # as in ShardDataset: seeded by the position
-        return random.Random(mix_seed("aug", ds.seed, ds.epoch, ds.rank, w, e)) if ds.train \
-            else None
+    def decoded(bucket: list[_Waiting]) -> list[tuple[_Waiting, Example]]:
+        """The bucket's samples that decode, decoded (augmentation seeded by the hand-out, as
+        in ShardDataset, so the result does not depend on when it runs). A sample decoded
+        before (``checked``) is not counted again."""
+        out = []
+        for s in bucket:
+            rng = (random.Random(mix_seed("aug", ds.seed, ds.epoch, ds.rank, w, s.index))
+                   if ds.train else None)
+            ex = ds.processor(s.raw, DataCounters() if s.checked else counters, rng)
+            s.checked = True
+            if ex is not None:
+                out.append((s, ex))
+        return out
 
     def item(kind: str, done: bool, payload: dict | None = None) -> dict:
-        pending = sorted(e for bucket in buckets.values() for e, _ in bucket)
+        held = [s for bucket in buckets.values() for s in bucket]
         cur = Cursor(emitted, stream.n_read if stream.ended else -1, list(stream.shard_sizes),
-                     batches, done, counters.as_dict(), pending)
+                     batches, done, counters.as_dict(), sorted(s.index for s in held),
+                     sorted(s.index for s in held if s.checked))
         return {"kind": kind, "worker": w, "cursor": cur.to_dict(), "batch": payload}
 
     if not start.done:
@@ -78,38 +99,46 @@ def grouped_worker_items(ds, w: int) -> Iterator[dict]:
                 if e == start.emitted - 1:
                     stream.counters = counters  # reads from here on are new
                 if e in waiting:
-                    ex = ds.processor(raw, replayed, rng(e))
-                    if ex is None:
-                        raise RuntimeError(f"resume: sample {raw.get('__key__')!r} waited in a "
-                                           "group at the checkpoint but no longer decodes; the "
-                                           "shards changed")
-                    buckets.setdefault(ds.labels[ex.key], []).append((e, ex))
+                    group = ds.labels[raw["__key__"]]
+                    buckets.setdefault(group, []).append(_Waiting(e, raw, e in checked))
                 continue
             emitted = e + 1
-            ex = ds.processor(raw, counters, rng(e))
-            if ex is None:
-                continue
-            group = ds.labels.get(ex.key)
+            group = ds.labels.get(raw.get("__key__"))
             if group is None:
                 unlabelled += 1
                 if unlabelled <= 3 or unlabelled & (unlabelled - 1) == 0:
                     log.warning("data: sample %r is not in data.group_labels (%d so far); "
-                                "skipped", ex.key, unlabelled)
+                                "skipped", raw.get("__key__"), unlabelled)
                 continue
             bucket = buckets.setdefault(group, [])
-            bucket.append((e, ex))
-            if len(bucket) == ds.batch_size:
-                del buckets[group]
-                batches += 1
-                yield item("batch", False, ds.processor.collate([x for _, x in bucket]))
+            bucket.append(_Waiting(e, raw))
+            if len(bucket) < ds.batch_size:
+                continue
+            good = decoded(bucket)  # a full bucket: decode it (drops what fails to decode)
+            if len(good) < ds.batch_size:
+                buckets[group] = [s for s, _ in good]
+                continue
+            del buckets[group]
+            batches += 1
+            yield item("batch", False, ds.processor.collate([ex for _, ex in good]))
         left = sum(len(b) for b in buckets.values())
         if left and not ds.drop_last:
             for group in sorted(buckets):
-                bucket = buckets.pop(group)
-                batches += 1
-                yield item("batch", False, ds.processor.collate([x for _, x in bucket]))
+                good = decoded(buckets.pop(group))
+                if good:
+                    batches += 1
+                    yield item("batch", False, ds.processor.collate([ex for _, ex in good]))
         elif left:
             log.info("data: rank %d worker %d epoch %d: %d samples in %d groups smaller than a "
                      "batch were left over", ds.rank, w, ds.epoch, left, len(buckets))
             buckets.clear()
     yield item("end", True)
+
+
+@dataclass
+class _Waiting:
+    """A sample waiting in a group's bucket: its hand-out index and its encoded bytes."""
+
+    index: int
+    raw: dict
+    checked: bool = False  # decoded once already (counted; survived a partly bad bucket)

@@ -6,6 +6,9 @@
         ckpt["data"] = loader.state_dict()     # per rank; small and JSON-serialisable
     loader.load_state_dict(ckpt["data"])       # the next iteration continues exactly there
 
+    position = data_position([state of every DP rank])  # position.py: the job's position
+    loader.load_position(position)  # any DP size / data.workers: the rest of the epoch
+
 Each DataLoader worker w of rank r is one logical stream (see stream.py). Workers yield whole
 batches tagged with their cursor; the loader takes batches from the workers in a fixed
 round-robin order (skipping finished workers), whatever order they arrive in, so the batch
@@ -26,14 +29,16 @@ from trainer.data.collate import SampleProcessor
 from trainer.data.config import DataConfig
 from trainer.data.counters import DataCounters
 from trainer.data.eval_transform import ReferenceEvalTransform
-from trainer.data.stream import Cursor, SampleStream, mix_seed, worker_shards
+from trainer.data.position import (DATA_KEYS, EpochCarry, ShardItem, carry_after, epoch_items,
+                                   slot_items, slot_seed)
+from trainer.data.stream import Cursor, SampleStream, mix_seed
 from trainer.data.tokenizer import Tokenizer, build_tokenizer
 from trainer.data.transforms import ImageTransform
 from trainer.data.urls import expand_urls
 
 log = logging.getLogger("trainer.data")
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: + carry, shuffle_buffer (version 1 loads at the same layout)
 
 
 class ShardDataset(IterableDataset):
@@ -56,7 +61,12 @@ class ShardDataset(IterableDataset):
         self.resampled, self.train = resampled, train
         self.labels = labels  # sample key -> group: label-grouped batches (grouping.py)
         self.epoch = 0
+        self.carry = EpochCarry()  # what an earlier data layout left of this epoch
         self.cursors = [Cursor() for _ in range(self.num_workers)]
+
+    @property
+    def buffer_size(self) -> int:
+        return max(1, self.shuffle_buffer if self.train else 1)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -65,10 +75,13 @@ class ShardDataset(IterableDataset):
                                f"{self.num_workers}")
         yield from self.worker_items(info.id if info is not None else 0)
 
-    def shards_of(self, worker: int) -> Iterator[str]:
-        return worker_shards(self.urls, seed=self.seed, epoch=self.epoch, rank=self.rank,
-                             world=self.world, worker=worker, num_workers=self.num_workers,
-                             shuffle=self.shuffle_shards, resampled=self.resampled)
+    def shards_of(self, worker: int) -> Iterator[ShardItem]:
+        """The shards global worker slot (rank, worker) reads this epoch (position.py): item k
+        of the epoch's work list goes to slot k mod (world * workers)."""
+        items = epoch_items(self.urls, self.carry, seed=self.seed, epoch=self.epoch,
+                            shuffle=self.shuffle_shards, resampled=self.resampled)
+        return slot_items(items, self.rank * self.num_workers + worker,
+                          self.world * self.num_workers)
 
     def worker_items(self, w: int) -> Iterator[dict]:
         if self.labels is not None:
@@ -77,8 +90,8 @@ class ShardDataset(IterableDataset):
             return
         start = self.cursors[w]
         counters = DataCounters(start.counters)
-        stream = SampleStream(lambda: self.shards_of(w), self.shuffle_buffer if self.train else 1,
-                              mix_seed(self.seed, self.epoch, self.rank, w), start, counters)
+        stream = SampleStream(lambda: self.shards_of(w), self.buffer_size,
+                              slot_seed(self.seed, self.epoch, self.rank, w), start, counters)
         batches, emitted, batch = start.batches, start.emitted, []
 
         def item(kind: str, done: bool, payload: dict | None = None) -> dict:
@@ -123,6 +136,7 @@ class ShardLoader:
         self.epoch = 0
         self.next_worker = 0
         self.batches_in_epoch = 0
+        self.carry = EpochCarry()
         self.cursors = [Cursor() for _ in range(dataset.num_workers)]
         self.past_counters: dict[str, int] = {}
 
@@ -134,7 +148,8 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[dict]:
         ds = self.dataset
-        ds.epoch, ds.cursors = self.epoch, [Cursor.from_dict(c.to_dict()) for c in self.cursors]
+        ds.epoch, ds.carry = self.epoch, self.carry
+        ds.cursors = [Cursor.from_dict(c.to_dict()) for c in self.cursors]
         W = ds.num_workers
         if self.workers == 0:
             gen = ds.worker_items(0)
@@ -192,6 +207,7 @@ class ShardLoader:
         self.epoch = epoch
         self.next_worker = 0
         self.batches_in_epoch = 0
+        self.carry = EpochCarry()
         self.cursors = [Cursor() for _ in range(self.dataset.num_workers)]
 
     # ------------------------------------------------------------------ reporting
@@ -207,13 +223,18 @@ class ShardLoader:
                 "resampled": ds.resampled, "num_shards": len(ds.urls), "batch_size": ds.batch_size}
 
     def state_dict(self) -> dict:
+        """This rank's position (exact resume at the same layout; `data_position` merges every
+        rank's into one that any layout can resume)."""
         return {"version": STATE_VERSION, **self._layout(), "epoch": self.epoch,
+                "shuffle_buffer": self.dataset.buffer_size,
+                "shuffle_shards": self.dataset.shuffle_shards,
                 "next_worker": self.next_worker, "batches_in_epoch": self.batches_in_epoch,
-                "cursors": [c.to_dict() for c in self.cursors],
+                "carry": self.carry.to_dict(), "cursors": [c.to_dict() for c in self.cursors],
                 "past_counters": dict(self.past_counters)}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("version") != STATE_VERSION:
+        """Restore this rank's own `state_dict` (the same layout only)."""
+        if state.get("version") not in (1, STATE_VERSION):
             raise ValueError(f"data state version {state.get('version')!r}, expected {STATE_VERSION}")
         names = {"rank": "rank", "world": "data-parallel world size", "workers": "data.workers",
                  "seed": "data.seed", "resampled": "data.resampled",
@@ -227,8 +248,56 @@ class ShardLoader:
         self.epoch = int(state["epoch"])
         self.next_worker = int(state["next_worker"])
         self.batches_in_epoch = int(state["batches_in_epoch"])
+        self.carry = EpochCarry.from_dict(state.get("carry"))
         self.cursors = [Cursor.from_dict(c) for c in state["cursors"]]
         self.past_counters = {k: int(v) for k, v in state["past_counters"].items()}
+
+
+    def load_position(self, position: dict) -> None:
+        """Resume from `data_position(...)` of a run at any data-parallel size and
+        data.workers: at the same layout this rank's own state (exact: the same batches as an
+        uninterrupted run); at another one the rest of the saved epoch, every sample not
+        consumed before exactly once, split over this layout's slots (position.py)."""
+        ds, ranks = self.dataset, position["ranks"]
+        mine = {"seed": ds.seed, "resampled": ds.resampled, "shuffle_shards": ds.shuffle_shards,
+                "num_shards": len(ds.urls)}
+        wrong = [f"{DATA_KEYS[k]}: saved {position.get(k)!r}, now {v!r}"
+                 for k, v in mine.items() if position.get(k) != v]
+        if wrong:
+            raise ValueError("cannot resume the data position; these differ from the "
+                             "checkpoint: " + "; ".join(wrong))
+        now = {"world": ds.world, "workers": ds.num_workers, "batch_size": ds.batch_size,
+               "shuffle_buffer": ds.buffer_size}
+        if all(position[k] == v for k, v in now.items()):
+            own = ranks[ds.rank]
+            self.load_state_dict({"version": position["version"], **self._layout(), **own,
+                                  "carry": position["carry"][str(own["epoch"])]})
+            return
+        epoch = min(int(r["epoch"]) for r in ranks)
+        workers = int(position["workers"])
+        cursors = [Cursor.from_dict(c) if int(r["epoch"]) == epoch else None
+                   for r in ranks for c in r["cursors"]]
+        carry = carry_after(ds.urls, EpochCarry.from_dict(position["carry"][str(epoch)]), cursors,
+                            workers=workers, seed=ds.seed, epoch=epoch, shuffle=ds.shuffle_shards,
+                            resampled=ds.resampled, buffer_size=int(position["shuffle_buffer"]))
+        ahead = [r for r, st in enumerate(ranks) if int(st["epoch"]) > epoch]
+        if ahead and ds.rank == 0:
+            log.warning("data: ranks %s of the checkpoint had finished epoch %d and started the "
+                        "next; what they read of it will be read again (set "
+                        "data.batches_per_epoch to keep ranks in step)", ahead, epoch)
+        self.set_epoch(epoch)
+        self.carry = carry
+        self.batches_in_epoch = min(int(st["batches_in_epoch"]) for st in ranks
+                                    if int(st["epoch"]) == epoch)
+        own = [st for r, st in enumerate(ranks) if r % ds.world == ds.rank]
+        self.past_counters = DataCounters().merged(
+            *(DataCounters(st["past_counters"]).merged(
+                *(c["counters"] for c in st["cursors"])) for st in own)).as_dict()
+        if ds.rank == 0:
+            log.info("data: resuming epoch %d at %d ranks x %d workers (saved at %d x %d): %d "
+                     "shards done, %d partly read (%d samples below their read point to "
+                     "re-read)", epoch, ds.world, ds.num_workers, len(ranks), workers,
+                     len(carry.done), len(carry.left), sum(len(h) for h, _ in carry.left.values()))
 
 
 # ---------------------------------------------------------------------- builders

@@ -1,7 +1,8 @@
 """Per-worker sample streams with an exact, cheap resume.
 
-Each (rank, worker) pair reads its own sequence of shards (a disjoint slice of a per-epoch
-permutation, or an endless draw with replacement when resampled) and shuffles samples through a
+Each (rank, worker) pair reads its own sequence of shards (its slice of the epoch's work list,
+position.py: a per-epoch permutation, or an endless draw with replacement when resampled) and
+shuffles samples through a
 buffer whose picks depend only on the RNG and the sample count, never on the data. So the
 buffer's state at any point can be recomputed from a `Cursor` (samples handed out, stream
 length once known, sizes of the shards read) by replaying the picks on integers; on resume the
@@ -27,26 +28,6 @@ from trainer.data.counters import DataCounters
 def mix_seed(*parts: object) -> int:
     """A 64-bit seed from a tuple of parts, stable across processes and Python versions."""
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
-
-
-def worker_shards(urls: list[str], *, seed: int, epoch: int, rank: int, world: int, worker: int,
-                  num_workers: int, shuffle: bool, resampled: bool) -> Iterator[str]:
-    """The shard URLs that global worker slot (rank, worker) reads in this epoch, in order.
-
-    Epoch mode: shard i of the epoch's permutation (seeded by (seed, epoch), the same on every
-    rank) goes to slot i mod (world * num_workers): every shard is read exactly once per epoch.
-    Resampled: an endless draw with replacement seeded by (seed, epoch, rank, worker).
-    """
-    if resampled:
-        rng = random.Random(mix_seed("resample", seed, epoch, rank, worker))
-        while True:
-            yield urls[rng.randrange(len(urls))]
-    order = list(range(len(urls)))
-    if shuffle:
-        random.Random(mix_seed("shards", seed, epoch)).shuffle(order)
-    slot, slots = rank * num_workers + worker, world * num_workers
-    for i in order[slot::slots]:
-        yield urls[i]
 
 
 class ShardOpenError(OSError):
@@ -302,24 +283,27 @@ class Cursor:
     counters: dict = field(default_factory=dict)
     # label-grouped batches (grouping.py): hand-outs waiting in a partly filled group
     pending: list[int] = field(default_factory=list)
+    checked: list[int] = field(default_factory=list)  # of those, decoded (counted) once already
 
     def to_dict(self) -> dict:
         return {"emitted": self.emitted, "total": self.total, "shard_sizes": list(self.shard_sizes),
                 "batches": self.batches, "done": self.done, "counters": dict(self.counters),
-                "pending": list(self.pending)}
+                "pending": list(self.pending), "checked": list(self.checked)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Cursor":
         return cls(int(d["emitted"]), int(d["total"]), [int(v) for v in d["shard_sizes"]],
                    int(d["batches"]), bool(d["done"]),
                    {k: int(v) for k, v in d["counters"].items()},
-                   [int(v) for v in d.get("pending", [])])
+                   [int(v) for v in d.get("pending", [])], [int(v) for v in d.get("checked", [])])
 
 
-def replay_buffer(size: int, rng: random.Random, emitted: int, total: int) -> tuple[list[int], int]:
+def replay_buffer(size: int, rng: random.Random, emitted: int, total: int,
+                  handouts: dict[int, int] | None = None) -> tuple[list[int], int]:
     """Replay the shuffle picks on integers: (buffer layout as raw indices, samples read).
 
     `rng` is advanced exactly as the real buffer advanced it after `emitted` hand-outs.
+    ``handouts``: {hand-out index: _} whose values are set to the raw index handed out then.
     """
     buf: list[int] = []
     n_read = out = 0
@@ -328,7 +312,10 @@ def replay_buffer(size: int, rng: random.Random, emitted: int, total: int) -> tu
             if len(buf) < size:
                 buf.append(n_read)
             else:
-                buf[rng.randrange(size)] = n_read
+                j = rng.randrange(size)
+                if handouts is not None and out in handouts:
+                    handouts[out] = buf[j]
+                buf[j] = n_read
                 out += 1
             n_read += 1
         else:
@@ -337,6 +324,8 @@ def replay_buffer(size: int, rng: random.Random, emitted: int, total: int) -> tu
                                    f"stream holds only {total}")
             j = rng.randrange(len(buf))
             buf[j], buf[-1] = buf[-1], buf[j]
+            if handouts is not None and out in handouts:
+                handouts[out] = buf[-1]
             buf.pop()
             out += 1
     return buf, n_read
@@ -345,13 +334,16 @@ def replay_buffer(size: int, rng: random.Random, emitted: int, total: int) -> tu
 class SampleStream:
     """A worker's shuffled raw samples, resumable from a Cursor; yields (index, raw sample).
 
+    The stream reads `ShardItem`s (position.py): a shard, or the samples of a shard that an
+    earlier data layout left unread; a finished item's size counts the samples it yielded.
+
     The index counts hand-outs of the buffer; the buffer fills to `buffer_size`, then hands out
     a random slot for every new sample, then drains in random order at the end of the stream.
     """
 
     def __init__(self, shards: "callable", buffer_size: int, seed: int, cursor: Cursor,
                  counters: DataCounters, max_empty_shards: int = 1000):
-        self.shards = shards              # () -> Iterator[str], the worker's shard sequence
+        self.shards = shards              # () -> Iterator[ShardItem], the worker's shards
         self.size = max(1, buffer_size)
         self.seed = seed
         self.start = cursor
@@ -366,7 +358,8 @@ class SampleStream:
         finished shards that hold none of them are not even opened."""
         saved = self.start.shard_sizes
         idx, empty_run = 0, 0
-        for k, url in enumerate(self.shards()):
+        for k, shard in enumerate(self.shards()):
+            url = shard.url
             if k < len(saved) and idx + saved[k] <= n_read:
                 lo = bisect.bisect_left(needed, idx)
                 if lo == len(needed) or needed[lo] >= idx + saved[k]:
@@ -376,11 +369,11 @@ class SampleStream:
                     continue
             count = 0
             try:
-                for raw in read_shard(url):
+                for raw in shard.select(read_shard(url)):
                     i = idx + count
                     count += 1
                     self.n_read = idx + count
-                    if i < n_read and not _contains(needed, i):
+                    if i < n_read and not sorted_contains(needed, i):
                         continue
                     for ext in raw.pop("__duplicate__", []):
                         if i >= n_read:
@@ -434,7 +427,8 @@ class SampleStream:
             emitted += 1
 
 
-def _contains(sorted_list: list[int], x: int) -> bool:
+def sorted_contains(sorted_list, x: int) -> bool:
+    """Whether `x` is in the ascending sequence `sorted_list`."""
     i = bisect.bisect_left(sorted_list, x)
     return i < len(sorted_list) and sorted_list[i] == x
 

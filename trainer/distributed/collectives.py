@@ -26,12 +26,12 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_gather_object(obj) -> list:
-    """Every rank's ``obj``, in rank order."""
+def all_gather_object(obj, group=None) -> list:
+    """Every rank's ``obj`` (of ``group``, default all), in rank order within the group."""
     if not dist.is_initialized():
         return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 
