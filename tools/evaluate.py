@@ -9,6 +9,7 @@ same code as the in-training eval hook (trainer/eval/).
   python tools/evaluate.py --checkpoint CKPT --csv data/coco/val.csv \\
       eval.csv_image_key=filepath eval.csv_caption_key=title eval.tasks=[retrieval]
   torchrun --nproc_per_node=2 tools/evaluate.py --checkpoint runs/smoke/moe/ckpt parallel.ep=2
+  python tools/evaluate.py --checkpoint CKPT --out sweep.json --sweep capacity_factor=1,1.5,2 top_k=1,2
 
 The model, data transform and tokenizer settings come from the config saved in the checkpoint;
 ``key=value`` overrides go on top (``data.eval_batch_size=256``, ``eval.tasks=[retrieval]``,
@@ -22,6 +23,11 @@ model.safetensors) runs trainer/hub.py's plain-PyTorch model in one process, wit
 size, normalisation and tokenizer of its config.json; it needs ``--eval-urls`` or ``--csv``
 and reads up to ``data.max_regions`` (default 8 when the model has a CLOC prompter) regions
 per image, ``data.eval_batch_size`` (default 128) samples per batch.
+
+``--sweep capacity_factor=... top_k=...`` (trainer/eval/sweep.py) evaluates the one model at
+each setting of the grid (evaluation routing of every MoE layer) and prints a table of
+inference FLOPs per image-text pair (trainer/metrics.py ``inference_flops_per_sample``, routing
+groups of ``data.eval_batch_size``) against the metrics; the JSON holds the rows as ``sweep``.
 
 Exit codes: 0 done, 2 bad input (one ``error:`` line).
 """
@@ -56,6 +62,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                    "eval.csv_caption_key, optional eval.csv_label_key)")
     p.add_argument("--out", help="write the JSON here (default: print it)")
     p.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
+    p.add_argument("--sweep", nargs="+", metavar="KEY=V1,V2",
+                   help="evaluate at each capacity_factor / top_k (the grid of the lists)")
     return p.parse_args(argv)
 
 
@@ -100,7 +108,18 @@ def build_export_config(args: argparse.Namespace) -> tuple[Config, dict]:
     return config_from_saved(deep_merge(raw, parse_overrides(args.overrides))), export
 
 
-def evaluate_checkpoint(cfg: Config, checkpoint: str, launch, layout) -> dict | None:
+def _evaluate(model, cfg: Config, sweep, evaluate_once):
+    """evaluate_once() or, with ``--sweep``, the sweep's rows (trainer/eval/sweep.py)."""
+    if not sweep:
+        return evaluate_once()
+    from trainer.eval.sweep import run_sweep
+
+    batch = cfg.data.eval_batch_size or cfg.data.batch_size
+    return run_sweep(model, cfg.model, sweep, batch, evaluate_once, log.info)
+
+
+def evaluate_checkpoint(cfg: Config, checkpoint: str, launch, layout,
+                        sweep=None) -> dict | list | None:
     """Collective. Builds this rank's part of the model, loads the checkpoint (any saved
     layout) and evaluates; the metrics on the reporting rank, None elsewhere."""
     from trainer import checkpoint as ckpt
@@ -117,12 +136,13 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, launch, layout) -> dict | 
     model = build_model(cfg.model, layout, parallel=cfg.parallel, inference=True)
     model.to(default_device())
     ckpt.load_model(checkpoint, model, layout)
-    result = evaluate(model, cfg, layout, build_tokenizer(cfg.data.tokenizer))
+    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    result = _evaluate(model, cfg, sweep, lambda: evaluate(model, cfg, layout, tokenizer))
     reporter = layout.is_last_stage and layout.tp_rank == 0 and layout.dp_rank == 0
     return result if reporter else None
 
 
-def evaluate_export(cfg: Config, directory: str) -> dict:
+def evaluate_export(cfg: Config, directory: str, sweep=None) -> dict | list:
     """One process: trainer/hub.py's model of ``directory`` through ``embed_plain``."""
     import torch
 
@@ -136,12 +156,15 @@ def evaluate_export(cfg: Config, directory: str) -> dict:
     tokenizer = hub.load_tokenizer(directory)
     tasks = tuple(cfg.eval.tasks)
     a = cfg.data.augment
-    with torch.no_grad():
+
+    @torch.no_grad()
+    def once() -> dict:
         emb = embed_plain(model, eval_batches(cfg, 0, 1, tokenizer), device,
                           text="retrieval" in tasks or "regions" in tasks,
                           regions="regions" in tasks and hasattr(model, "prompter"),
                           mean=a.mean, std=a.std)
         return compute_metrics(emb, cfg, model.encode_text, tokenizer, device, tasks)
+    return _evaluate(model, cfg, sweep, once)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,8 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.distributed.launch import LaunchError, read_launch_env
         from trainer.distributed.layout import LayoutError, ParallelLayout
         from trainer.eval.embed import EvalSetError, check_eval_set, describe_eval_set
+        from trainer.eval.sweep import SweepError, check_sweep, parse_sweep
         from trainer.hub import HubError
 
+        sweep = parse_sweep(args.sweep) if args.sweep else None
         launch = read_launch_env()
         if args.exported:
             cfg, export = build_export_config(args)
@@ -171,15 +196,18 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint = resolve(args.checkpoint)
             source = {"checkpoint": str(checkpoint), "step": manifest["step"]}
         check_eval_set(cfg)
+        if sweep:
+            check_sweep(cfg, sweep)
     except (ConfigError, CheckpointError, EvalSetError, HubError, LaunchError,
-            LayoutError) as e:
+            LayoutError, SweepError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         if args.exported:
-            result, where = evaluate_export(cfg, args.exported), "1 process (trainer/hub.py)"
+            result = evaluate_export(cfg, args.exported, sweep)
+            where = "1 process (trainer/hub.py)"
         else:
-            result = evaluate_checkpoint(cfg, str(checkpoint), launch, layout)
+            result = evaluate_checkpoint(cfg, str(checkpoint), launch, layout, sweep)
             where = layout.describe()
     except EvalSetError as e:  # e.g. no class names for a labelled set
         print(f"error: {e}", file=sys.stderr)
@@ -190,15 +218,20 @@ def main(argv: list[str] | None = None) -> int:
             dist.destroy_process_group()
     if result is not None:
         from trainer.eval import format_metrics
+        from trainer.eval.sweep import format_table
 
         report = {**source, "eval_set": describe_eval_set(cfg), "tasks": list(cfg.eval.tasks),
                   "templates": list(cfg.eval.templates), "world_size": launch.world_size,
-                  "layout": where, "seconds": round(time.time() - t0, 1), "metrics": result}
+                  "layout": where, "seconds": round(time.time() - t0, 1),
+                  **({"sweep": result} if sweep else {"metrics": result})}
+        if sweep:  # the table on stdout, or on stderr when stdout carries the JSON
+            print(format_table(result), file=sys.stdout if args.out else sys.stderr)
         text = json.dumps(report, indent=1)
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(text + "\n")
-            log.info("step %s: %s -> %s", source["step"], format_metrics(result), args.out)
+            log.info("step %s: %s -> %s", source["step"], f"{len(result)} settings" if sweep
+                     else format_metrics(result), args.out)
         else:
             print(text)
     return 0
