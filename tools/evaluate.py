@@ -9,6 +9,7 @@ same code as the in-training eval hook (trainer/eval/).
   python tools/evaluate.py --checkpoint CKPT --csv data/coco/val.csv \\
       eval.csv_image_key=filepath eval.csv_caption_key=title eval.tasks=[retrieval]
   torchrun --nproc_per_node=2 tools/evaluate.py --checkpoint runs/smoke/moe/ckpt parallel.ep=2
+  python tools/evaluate.py --checkpoint CKPT --out sweep.json --sweep capacity_factor=1,1.5,2 top_k=1,2
 
 The model, data transform and tokenizer settings come from the config saved in the checkpoint;
 ``key=value`` overrides go on top (``data.eval_batch_size=256``, ``eval.tasks=[retrieval]``,
@@ -22,6 +23,12 @@ webdataset split (a folder with nshards.txt). Several sets in one call, each rep
   python tools/evaluate.py --exported exports/b16 \
       'eval.sets={imagenet: {urls: wds_imagenet1k/test, classnames: imagenet,
                  templates: openai_imagenet}, coco: {urls: wds_mscoco/test, tasks: [retrieval]}}'
+
+``--sweep capacity_factor=... top_k=...`` (trainer/eval/sweep.py) evaluates the one model at
+each setting of the grid (evaluation routing of every MoE layer) and prints a table of
+inference FLOPs per image-text pair (trainer/metrics.py ``inference_flops_per_sample``, routing
+groups of ``data.eval_batch_size``) against the metrics (a named set's as ``<name>/<metric>``);
+the JSON holds the rows as ``sweep``. Overrides go before ``--sweep``.
 
 ``--exported DIR`` (``tools/convert_checkpoint.py export --to moe``: config.json +
 model.safetensors) runs trainer/hub.py's plain-PyTorch model in one process, with the image
@@ -62,6 +69,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                    "eval.csv_caption_key, optional eval.csv_label_key)")
     p.add_argument("--out", help="write the JSON here (default: print it)")
     p.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
+    p.add_argument("--sweep", nargs="+", metavar="KEY=V1,V2",
+                   help="evaluate at each capacity_factor / top_k (the grid of the lists)")
     return p.parse_args(argv)
 
 
@@ -109,7 +118,24 @@ def build_export_config(args: argparse.Namespace) -> tuple[Config, dict]:
     return config_from_saved(deep_merge(raw, parse_overrides(args.overrides))), export
 
 
-def evaluate_checkpoint(cfg: Config, sets: list, checkpoint: str, launch, layout) -> dict | None:
+def _evaluate(model, cfg: Config, sweep, evaluate_once):
+    """evaluate_once() (the eval sets' report) or, with ``--sweep``, the sweep's rows
+    (trainer/eval/sweep.py), each row's metrics flattened over the sets."""
+    if not sweep:
+        return evaluate_once()
+    from trainer.eval.sets import flat_metrics
+    from trainer.eval.sweep import run_sweep
+
+    batch = cfg.data.eval_batch_size or cfg.data.batch_size
+    rows = run_sweep(model, cfg.model, sweep, batch, evaluate_once, log.info)
+    if rows[0]["metrics"] is None:  # not the reporting rank
+        return None
+    report = {k: v for k, v in rows[0]["metrics"].items() if k not in ("metrics", "sets")}
+    return {**report, "sweep": [{**r, "metrics": flat_metrics(r["metrics"])} for r in rows]}
+
+
+def evaluate_checkpoint(cfg: Config, sets: list, checkpoint: str, launch, layout,
+                        sweep=None) -> dict | None:
     """Collective. Builds this rank's part of the model, loads the checkpoint (any saved
     layout) and evaluates each eval set; the report on the reporting rank, None elsewhere."""
     from trainer import checkpoint as ckpt
@@ -129,11 +155,12 @@ def evaluate_checkpoint(cfg: Config, sets: list, checkpoint: str, launch, layout
     ckpt.load_model(checkpoint, model, layout)
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     reporter = layout.is_last_stage and layout.tp_rank == 0 and layout.dp_rank == 0
-    report = run_sets(sets, lambda c: evaluate(model, c, layout, tokenizer))
+    report = _evaluate(model, cfg, sweep,
+                       lambda: run_sets(sets, lambda c: evaluate(model, c, layout, tokenizer)))
     return report if reporter else None
 
 
-def evaluate_export(sets: list, directory: str) -> dict:
+def evaluate_export(cfg: Config, sets: list, directory: str, sweep=None) -> dict:
     """One process: trainer/hub.py's model of ``directory`` through ``embed_plain``, on each
     eval set."""
     import torch
@@ -158,7 +185,7 @@ def evaluate_export(sets: list, directory: str) -> dict:
                               mean=a.mean, std=a.std)
             return compute_metrics(emb, cfg, model.encode_text, tokenizer, device, tasks)
 
-    return run_sets(sets, one)
+    return _evaluate(model, cfg, sweep, lambda: run_sets(sets, one))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,8 +200,10 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.distributed.layout import LayoutError, ParallelLayout
         from trainer.eval.embed import EvalSetError
         from trainer.eval.sets import check_eval_sets
+        from trainer.eval.sweep import SweepError, check_sweep, parse_sweep
         from trainer.hub import HubError
 
+        sweep = parse_sweep(args.sweep) if args.sweep else None
         launch = read_launch_env()
         if args.exported:
             cfg, export = build_export_config(args)
@@ -189,15 +218,18 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint = resolve(args.checkpoint)
             source = {"checkpoint": str(checkpoint), "step": manifest["step"]}
         sets = check_eval_sets(cfg)
+        if sweep:
+            check_sweep(cfg, sweep)
     except (ConfigError, CheckpointError, EvalSetError, HubError, LaunchError,
-            LayoutError) as e:
+            LayoutError, SweepError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         if args.exported:
-            result, where = evaluate_export(sets, args.exported), "1 process (trainer/hub.py)"
+            result = evaluate_export(cfg, sets, args.exported, sweep)
+            where = "1 process (trainer/hub.py)"
         else:
-            result = evaluate_checkpoint(cfg, sets, str(checkpoint), launch, layout)
+            result = evaluate_checkpoint(cfg, sets, str(checkpoint), launch, layout, sweep)
             where = layout.describe()
     except EvalSetError as e:  # e.g. no class names for a labelled set
         print(f"error: {e}", file=sys.stderr)
@@ -208,13 +240,19 @@ def main(argv: list[str] | None = None) -> int:
             dist.destroy_process_group()
     if result is not None:
         from trainer.eval import format_metrics
+        from trainer.eval.sweep import format_table
 
         report = {**source, **result, "world_size": launch.world_size, "layout": where,
                   "seconds": round(time.time() - t0, 1)}
+        if sweep:  # the table on stdout, or on stderr when stdout carries the JSON
+            print(format_table(result["sweep"]), file=sys.stdout if args.out else sys.stderr)
         text = json.dumps(report, indent=1)
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(text + "\n")
+            if sweep:
+                log.info("step %s: %d settings -> %s", source["step"], len(result["sweep"]),
+                         args.out)
             for name, entry in ([("", result)] if "metrics" in result else []) + sorted(
                     result.get("sets", {}).items()):
                 log.info("step %s: %s%s -> %s", source["step"], f"{name}: " if name else "",

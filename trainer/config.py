@@ -164,6 +164,7 @@ class ParallelConfig:
 LOSSES = ("clip", "siglip")
 TRAINABLE_NAMES = ("all", "ffn", "experts", "router")  # trainer/step.py TRAINABLE_SETS
 SCHEDULES = ("cosine", "constant")
+SCOPES = ("microbatch", "step")  # train.contrastive_scope
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -177,6 +178,11 @@ class TrainConfig:
     # Negatives from the micro-batches of every data-parallel rank (features gathered, CLIP's
     # global batch); false: each rank's micro-batch alone.
     global_contrastive: bool = True
+    # Which samples share one contrastive loss: microbatch (each micro-batch, x DP when
+    # global_contrastive) or step (every micro-batch of the optimizer step x DP: one loss over
+    # the step's whole batch by feature caching in two passes, one extra forward; trainer/
+    # step_cache.py). Router aux losses stay per micro-batch either way.
+    contrastive_scope: str = "microbatch"
     lr: float = 1e-3            # AdamW peak learning rate (after warmup)
     # AdamW decoupled weight decay; none on norms, biases, embeddings of rank < 2, logit
     # scale / bias.
@@ -224,7 +230,7 @@ class TrainConfig:
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"{key}.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         for name, allowed in (("loss", LOSSES), ("lr_schedule", SCHEDULES),
-                              ("precision", PRECISIONS)):
+                              ("precision", PRECISIONS), ("contrastive_scope", SCOPES)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{key}.{name}={getattr(self, name)!r}: expected one of "
                                   f"{', '.join(allowed)}")

@@ -28,8 +28,9 @@ torch's grouped mm for bf16/fp16, else the PyTorch reference).
     SHA256SUMS         ``sha256sum -c`` format, every other file; ``load`` checks it
 
 Routing is the trainer's at evaluation (trainer/moe/routing.py, tensor parallel size 1): top-k
-of the router's softmax; capacity ``ceil(units / E * eval_capacity_factor * k)`` (at least
-``min_capacity``) with slots first-come first-served, every unit's first choice before any
+of the router's softmax; capacity from ``eval_capacity_factor`` by the trained
+``capacity_rule`` (deepspeed: ``ceil(units / E * factor * k)``; axlearn: ``floor(units * factor
+/ E)`` rounded up to a multiple of 4; at least ``min_capacity``) with slots first-come first-served, every unit's first choice before any
 second choice, units in the trainer's sequence-major order; top-2 weights renormalised over
 the kept routes, top-1 weight 1. Text tokens after the end-of-text token are not routed.
 ``dispatch: dropless`` or ``drop_tokens: false`` drop nothing; ``model.set_dropless(True)``
@@ -103,7 +104,7 @@ class MoEMLP(nn.Module):
         capacity = None
         if not (self.dropless or moe.dispatch == "dropless" or not moe.drop_tokens):
             capacity = capacity_for(x.shape[0], moe.num_experts, moe.eval_capacity_factor,
-                                    moe.top_k, moe.min_capacity)
+                                    moe.top_k, moe.min_capacity, moe.capacity_rule)
         return route(probs, chosen, valid, capacity)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:

@@ -19,8 +19,9 @@ import torch
 import torch.distributed as dist
 
 import kernels
-from trainer.config import Config
+from trainer.config import Config, ModelConfig
 from trainer.distributed.layout import ParallelLayout
+from trainer.moe.routing import capacity_for
 
 log = logging.getLogger("upclip")
 
@@ -41,12 +42,62 @@ def model_flops_per_sample(cfg: Config, moe_active: bool = True) -> float:
         for i in range(tower.layers):
             mlp = 2 * s * 2 * d * f * (tower.moe.top_k if i in moe_layers else 1)
             router = 2 * s * d * tower.moe.num_experts if i in moe_layers else 0
-            attn = 2 * s * 4 * d * d + 2 * 2 * s * s * d
-            total += mlp + router + attn
+            total += mlp + router + _attention_flops(s, d)
         total += 2 * d * cfg.model.embed_dim  # the projection of the pooled token
-    v = cfg.model.vision
-    patch_embed = 2 * v.num_patches * 3 * v.patch_size ** 2 * v.width
-    return 3 * total + 2 * patch_embed
+    return 3 * total + 2 * _patch_embed_flops(cfg.model.vision)
+
+
+def _attention_flops(s: int, d: int) -> float:
+    """q, k, v, out projections + scores and weighted sum, one sequence of s tokens."""
+    return 2 * s * 4 * d * d + 2 * 2 * s * s * d
+
+
+def _patch_embed_flops(vision) -> float:
+    return 2 * vision.num_patches * 3 * vision.patch_size ** 2 * vision.width
+
+
+def expert_tokens(moe, units: int, per_unit: int) -> int:
+    """Tokens one MoE layer's experts compute per call of ``units`` routing units (tokens, or
+    images of ``per_unit`` tokens) at evaluation: every expert's capacity buffer,
+    ``E * C`` units with ``C`` from ``eval_capacity_factor`` by ``capacity_rule`` (what
+    fixed-shape dispatch computes), never more than the ``k * units`` routes that exist;
+    dropless or ``drop_tokens: false``: ``k * units``."""
+    routes = moe.top_k * units
+    if moe.dispatch == "dropless" or not moe.drop_tokens:
+        return routes * per_unit
+    slots = moe.num_experts * capacity_for(units, moe.num_experts, moe.eval_capacity_factor,
+                                           moe.top_k, moe.min_capacity, moe.capacity_rule)
+    return min(slots, routes) * per_unit
+
+
+def inference_flops_per_sample(model: ModelConfig, batch_size: int) -> dict[str, float]:
+    """Forward FLOPs of one image-text pair at evaluation routing, when ``batch_size`` pairs
+    go through each tower together (one routing group; tensor parallel size 1), 2 FLOPs per
+    multiply-add as ``model_flops_per_sample``: -> {"vision", "text", "total"}. An MoE layer
+    counts its router (per routing unit) and ``expert_tokens`` expert MLP passes spread over
+    the batch, so the capacity factor, the capacity rule and top-k move the count (CLIP-UP's
+    quality-vs-FLOPs dial); a dense layer counts one MLP pass per token."""
+    out = {}
+    for name, tower, s in (("vision", model.vision, model.vision.seq_length),
+                           ("text", model.text, model.text.context_length)):
+        d, f, moe = tower.width, int(tower.width * tower.mlp_ratio), tower.moe
+        moe_layers = set(moe.moe_layers(tower.layers))
+        image_units = name == "vision" and moe.routing == "image"
+        units, per_unit = (batch_size, s) if image_units else (batch_size * s, 1)
+        total = 0.0
+        for i in range(tower.layers):
+            total += _attention_flops(s, d)
+            if i in moe_layers:
+                total += 2 * d * moe.num_experts * units / batch_size          # router
+                total += 2 * 2 * d * f * expert_tokens(moe, units, per_unit) / batch_size
+            else:
+                total += 2 * 2 * d * f * s
+        total += 2 * d * model.embed_dim                 # the projection of the pooled token
+        if name == "vision":
+            total += _patch_embed_flops(tower)
+        out[name] = total
+    out["total"] = out["vision"] + out["text"]
+    return out
 
 
 def peak_flops() -> float | None:

@@ -10,7 +10,9 @@ schedule, the loss on the last pipeline stage.
     set_lr(opt, lr_at(step, cfg.train)); opt.step(); zero_grads(ddp, opt)
 
 The schedule is ``get_forward_backward_func()``: no pipelining at pp=1, 1F1B otherwise. Only
-the last stage computes the loss.
+the last stage computes the loss. ``train.contrastive_scope``: ``microbatch`` computes the
+contrastive losses per micro-batch (negatives: the micro-batch of every DP rank); ``step``
+over all the step's micro-batches at once (trainer/step_cache.py: two passes, cached features).
 """
 from __future__ import annotations
 
@@ -95,20 +97,27 @@ def _batch_size(mb: dict) -> int:
 def forward_backward(model: torch.nn.Module, microbatches: list[dict], cfg: Config,
                      forward_only: bool = False) -> dict | None:
     """Runs every microbatch forward (and backward); the schedule divides each microbatch
-    loss by their number. Returns the metrics averaged over microbatches on the last stage
+    loss by their number (``contrastive_scope: step``: one loss over the step,
+    trainer/step_cache.py). Returns the metrics averaged over microbatches on the last stage
     (``loss``, ``contrastive_loss``, ``region_loss``), None elsewhere."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
+    def run_schedule(forward_step_func, forward_only: bool):
+        return get_forward_backward_func()(
+            forward_step_func=forward_step_func, data_iterator=iter(microbatches),
+            model=[model], num_microbatches=len(microbatches),
+            seq_length=cfg.model.vision.seq_length,
+            micro_batch_size=_batch_size(microbatches[0]), forward_only=forward_only)
+
     # MoE aux losses ride on the layer outputs; their gradient is scaled like the main loss
     # (which the schedule divides by the number of microbatches).
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / len(microbatches)))
+    if cfg.train.contrastive_scope == "step" and not forward_only:
+        from trainer.step_cache import step_forward_backward
+        return step_forward_backward(model, microbatches, cfg, run_schedule)
     try:
-        losses = get_forward_backward_func()(
-            forward_step_func=functools.partial(forward_step, cfg=cfg.train),
-            data_iterator=iter(microbatches), model=[model],
-            num_microbatches=len(microbatches), seq_length=cfg.model.vision.seq_length,
-            micro_batch_size=_batch_size(microbatches[0]), forward_only=forward_only)
+        losses = run_schedule(functools.partial(forward_step, cfg=cfg.train), forward_only)
     finally:
         route_labels(model, None)  # evaluation forwards carry no labels
     if not losses:

@@ -9,7 +9,8 @@ differences; tests/distributed/test_parallel.py states and checks the tolerances
 Besides the TP=2 / PP=2 vs TP=1 comparisons: one process computes the batch alone (no
 collective, gradref.py); the TP=1 reference equals it, and at TP=2 and PP=2 the global grad
 norm (``trainer.step.global_grad_norm``) and the gradients clipped to half of it equal that
-process's float64 norm and scaled gradients.
+process's float64 norm and scaled gradients. ``train.contrastive_scope=step`` with 4
+micro-batches equals one micro-batch of 4x the size at DP=2 and at PP=2.
 """
 import json
 import sys
@@ -93,6 +94,50 @@ def sdpa_vs_unfused_tp2(workdir: Path, world: int, refs) -> dict:
             "tp2_sdpa_vs_unfused_grad_rel": grad_rel(sg, ug)}
 
 
+def scope_rel(grads, ref) -> tuple[float, float]:
+    """(worst per-tensor relative L2 error, floored at 1e-8 of the whole gradient's norm for
+    exactly-zero true gradients; the whole gradient's relative L2 error)."""
+    total = sum(float(g.double().pow(2).sum()) for g in ref.values()) ** 0.5
+    diff = {k: float((grads[k].double() - g.double()).norm()) for k, g in ref.items()}
+    worst = max(d / max(float(ref[k].double().norm()), 1e-8 * total) for k, d in diff.items())
+    return worst, sum(d * d for d in diff.values()) ** 0.5 / total
+
+
+def contrastive_scope_step(workdir: Path, world: int, refs) -> dict:
+    """``train.contrastive_scope=step`` with 4 micro-batches of 2 vs ``microbatch`` scope with
+    one micro-batch of 8: at DP=2 (global negatives, a different order of the 8 samples on
+    each rank) in float64 weights and inputs and in fp32, and at PP=2 in fp32."""
+    got = {}
+    for pp, dtype in ((1, torch.float64), (1, torch.float32), (2, torch.float32)):
+        runs = {}
+        for scope, n in (("microbatch", 1), ("step", 4)):
+            cfg, layout, model = build(workdir, "ckpt_open_clip", 1, pp, world)
+            cfg.train.global_contrastive, cfg.train.contrastive_scope = True, scope
+            model.to(dtype)
+            order = torch.arange(8)
+            if pp == 1 and layout.dp_rank == 1:
+                order = order.flip(0)
+            images, text = refs["images"][order].to(dtype), refs["text"][order]
+            size = 8 // n
+            mbs = [{"images": images[i:i + size], "text": text[i:i + size], "size": size}
+                   for i in range(0, 8, size)]
+            ddp = G.wrap_ddp(model)
+            out = S.forward_backward(ddp, mbs, cfg)
+            G.finalize_grads(ddp, layout)
+            grads = {k: v.clone() for k, v in
+                     full_state_dict(G.unwrap(ddp), layout, grads=True).items()}
+            box = [out["loss"] if out is not None else None]
+            torch.distributed.broadcast_object_list(box, src=world - 1)
+            runs[scope] = (box[0], grads)
+        (loss, grads), (ref_loss, ref_grads) = runs["step"], runs["microbatch"]
+        name = f"{'pp2' if pp == 2 else 'dp2'}_{'f64' if dtype == torch.float64 else 'fp32'}"
+        got[f"scope_{name}_loss_rel"] = abs(loss - ref_loss) / abs(ref_loss)
+        got[f"scope_{name}_grad_rel"], got[f"scope_{name}_grad_global_rel"] = scope_rel(
+            grads, ref_grads)
+        got[f"scope_{name}_keys_missing"] = sorted(set(ref_grads) ^ set(grads))
+    return got
+
+
 def main():
     workdir = Path(sys.argv[1])
     launch = read_launch_env()
@@ -140,6 +185,7 @@ def main():
     out["tp2_to_pp2_ckpt_max_abs"] = max(max_abs(weights[k], v) for k, v in ref_weights.items())
     out["ref_loss"] = ref_loss
     out.update(sdpa_vs_unfused_tp2(workdir, world, refs))
+    out.update(contrastive_scope_step(workdir, world, refs))
     (workdir / f"result_rank{rank}.json").write_text(json.dumps(out, indent=1))
     ParallelLayout.destroy()
     torch.distributed.destroy_process_group()

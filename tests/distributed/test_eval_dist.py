@@ -9,6 +9,11 @@ exactly the rows of the single-process pass, and recalls are counts over ranks t
 float-rounding-level differences between the two layouts do not move. The checkpoint exported
 with ``tools/convert_checkpoint.py export --to moe`` and evaluated with ``tools/evaluate.py
 --exported`` (trainer/hub.py's plain-PyTorch model) gives the same metrics again.
+
+The compute dial on the megatron model: ``tools/evaluate.py --checkpoint --sweep`` at top-k
+{2, 1} x eval capacity factor {4, 0.5}: the trained setting (2, 4) reproduces the metrics
+exactly, and every row's FLOPs equal trainer/metrics.py's ``inference_flops_per_sample`` of
+the saved config with that setting (exact), printed in the table.
 """
 import json
 import subprocess
@@ -17,10 +22,11 @@ import sys
 from launcher import ROOT, clean_env, run_check
 
 
-def run(args: list[str]) -> None:
+def run(args: list[str]) -> str:
     proc = subprocess.run([sys.executable, *args], env=clean_env(), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc.stdout
 
 
 def test_eval_dp2_equals_dp1_and_export(tmp_path):
@@ -41,3 +47,24 @@ def test_eval_dp2_equals_dp1_and_export(tmp_path):
          "data.eval_batch_size=16", "data.max_regions=1"])
     exported = json.loads((tmp_path / "exported.json").read_text())
     assert exported["step"] == 1 and exported["metrics"] == dp2
+    # the compute dial on the checkpoint's megatron model
+    table = run([str(ROOT / "tools/evaluate.py"), "--checkpoint", str(tmp_path / "ckpt"),
+                 "--out", str(tmp_path / "sweep.json"), "--sweep", "top_k=2,1",
+                 "capacity_factor=4,0.5"])
+    rows = json.loads((tmp_path / "sweep.json").read_text())["sweep"]
+    assert [(r["top_k"], r["capacity_factor"]) for r in rows] == [(2, 4.0), (2, 0.5),
+                                                                 (1, 4.0), (1, 0.5)]
+    assert rows[0]["metrics"] == dp2                    # the trained setting
+    assert rows[1]["metrics"] != dp2                    # tokens dropped at capacity factor 0.5
+    sys.path.insert(0, str(ROOT))
+    from trainer.config import config_from_saved, deep_merge
+    from trainer.metrics import inference_flops_per_sample
+
+    ckpt = tmp_path / "ckpt" / (tmp_path / "ckpt" / "latest").read_text().strip()
+    saved = json.loads((ckpt / "manifest.json").read_text())["config"]
+    for r in rows:
+        moe = {"moe": {"top_k": r["top_k"], "eval_capacity_factor": r["capacity_factor"]}}
+        cfg = config_from_saved(deep_merge(saved, {"model": {"vision": moe, "text": moe}}))
+        assert r["batch_size"] == 16
+        assert r["flops"] == inference_flops_per_sample(cfg.model, 16), r
+        assert f"{r['flops']['total'] / 1e9:.6g}" in table

@@ -6,6 +6,15 @@ loss relative diff <= 1e-5 and per-tensor gradient relative L2 error <= 1e-5;
 checkpoint resharding tp=2 -> pp=2 is bit-exact (0.0). model.attention=sdpa equals =unfused at
 tp=2 within the same bounds (embeddings 1e-5 max abs, loss and gradients 1e-5 relative).
 
+``train.contrastive_scope=step`` with 4 micro-batches of 2 vs ``microbatch`` scope with one
+micro-batch of 8 (global negatives; at DP=2 the ranks hold the 8 samples in different orders):
+loss within 1e-6 relative everywhere; with float64 weights and inputs (DP=2) every gradient
+tensor within 1e-6 relative (floored at 1e-8 of the whole gradient's norm for exactly-zero
+true gradients; the losses and megatron's softmax still run in fp32; measured 7.6e-8); in
+fp32 (DP=2 and PP=2) the whole gradient within 1e-6 relative (measured 5.6e-7 and 5.7e-7;
+per tensor 9.6e-7 and 1.2e-6: fp32's summation-order floor, the one big micro-batch's own
+fp32 gradient is ~2e-6 from its float64 value, tests/unit/test_contrastive_scope.py).
+
 Global grad norm: the TP=1 reference equals one process computing the batch alone (loss
 <= 1e-6, gradients <= 1e-5 relative); at TP=2 and PP=2 ``global_grad_norm`` equals that
 process's float64 norm of its full gradient (relative <= 1e-5, fp32 grads; measured 7.2e-7
@@ -58,6 +67,13 @@ def test_tp_pp_equivalence_and_peer_import(tmp_path, dist1):
         assert r["tp2_to_pp2_ckpt_max_abs"] == 0.0, r
         assert r["ref_loss"] > 0.1  # a real loss, not a degenerate zero
         assert r["tp2_sdpa_vs_unfused_embed"] <= 1e-5, r
+        # contrastive_scope=step, 4 micro-batches = 1 micro-batch of 4x the size
+        for name in ("dp2_f64", "dp2_fp32", "pp2_fp32"):
+            assert r[f"scope_{name}_loss_rel"] <= 1e-6, r
+            assert r[f"scope_{name}_keys_missing"] == [], r
+        assert r["scope_dp2_f64_grad_rel"] <= 1e-6, r
+        assert r["scope_dp2_fp32_grad_global_rel"] <= 1e-6, r
+        assert r["scope_pp2_fp32_grad_global_rel"] <= 1e-6, r
         assert r["tp2_sdpa_vs_unfused_loss_rel"] <= 1e-5, r
         assert r["tp2_sdpa_vs_unfused_grad_rel"] <= 1e-5, r
         assert r["tp1_solo_loss_rel"] <= 1e-6, r

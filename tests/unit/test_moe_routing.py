@@ -39,19 +39,22 @@ def _entropy(p):
 
 @pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("threshold", [1.5, math.log(3), 0.01])
-def test_aux_losses_hand_case(k, threshold):
+@pytest.mark.parametrize("mask", ["topk", "top1"])
+def test_aux_losses_hand_case(k, threshold, mask):
     from trainer.moe.routing import aux_losses
 
     logits = torch.tensor(LOGITS, dtype=torch.float64)
     chosen = torch.tensor(CHOSEN2)[:, :k]
     assert torch.equal(torch.topk(logits, k, dim=-1).indices, chosen)  # the hand choice
-    got = aux_losses(logits, torch.softmax(logits, -1), chosen, torch.tensor(VALID), threshold)
+    got = aux_losses(logits, torch.softmax(logits, -1), chosen, torch.tensor(VALID), threshold,
+                     mask)
 
     e = 3
     units = [u for u in range(5) if VALID[u]]
     n = len(units)
     probs = [_softmax(r) for r in LOGITS]
-    f = [sum(CHOSEN2[u][:k].count(x) for u in units) / (n * k) for x in range(e)]
+    counted = k if mask == "topk" else 1       # top1: the first choice only
+    f = [sum(CHOSEN2[u][:counted].count(x) for u in units) / (n * counted) for x in range(e)]
     mean_p = [sum(probs[u][x] for u in units) / n for x in range(e)]
     lse = [max(r) + math.log(sum(math.exp(v - max(r)) for v in r)) for r in LOGITS]
     want = {

@@ -71,6 +71,17 @@ def describe(s: EvalSet) -> dict:
             "templates": e.templates if isinstance(e.templates, str) else templates(s.cfg)}
 
 
+def flat_metrics(report: dict | None) -> dict | None:
+    """One flat dict of a `run_sets` report's metrics: the run's own set's as they are, a
+    named set's as ``<name>/<metric>`` (a sweep row's columns)."""
+    if report is None:
+        return None
+    out = dict(report.get("metrics", {}))
+    for name, entry in report.get("sets", {}).items():
+        out.update({f"{name}/{k}": v for k, v in entry["metrics"].items()})
+    return out
+
+
 def prefixed(name: str, metrics: dict) -> dict:
     """``{"eval/<metric>": ...}`` for the run's own set, ``{"eval/<name>/<metric>": ...}``
     for a named one."""

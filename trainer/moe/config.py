@@ -22,6 +22,13 @@ ROUTER_INITS = ("normal", "zeros")
 DISPATCHES = ("capacity", "dropless")
 ROUTINGS = ("token", "image")
 IMAGE_ROUTER_INPUTS = ("cls", "mean")
+# how capacity follows the capacity factor (trainer/moe/routing.py ``capacity_for``):
+# deepspeed ceil(U / E * CF * k) (DeepSpeed, Megatron); axlearn floor(U * CF / E) rounded up to
+# a multiple of 4, no ``* k`` (AXLearn, the framework of CLIP-UP)
+CAPACITY_RULES = ("deepspeed", "axlearn")
+# which choices the load-balance fraction f_e counts: every one of the k (topk: DeepSpeed's
+# topkgating for k > 2) or the first (top1: DeepSpeed's top2gating, AXLearn's Top2Gating)
+LOAD_BALANCE_MASKS = ("topk", "top1")
 # kernels.BACKENDS (kernels/api.py; equal, tested): who runs the experts' grouped MLP
 EXPERT_BACKENDS = ("auto", "cuda", "torch", "reference")
 
@@ -30,6 +37,9 @@ EXPERT_BACKENDS = ("auto", "cuda", "torch", "reference")
 class AuxLossConfig:
     """Router auxiliary loss weights (0 turns a loss off)."""
     load_balance: float = 0.01    # GShard/Switch: E * sum_e f_e * P_e (1.0 when balanced)
+    # f_e counts every top-k choice (topk, the default: the golden curves were made with it)
+    # or the first choice only (top1: DeepSpeed's top-2 gate, AXLearn's Top2Gating)
+    load_balance_mask: str = "topk"
     z_loss: float = 0.0           # ST-MoE: mean over tokens of logsumexp(logits)^2
     entropy_local: float = 0.0    # LIMoE: mean per-token routing entropy (sharp choices)
     entropy_global: float = 0.0   # LIMoE: max(0, threshold - entropy of the mean routing)
@@ -46,9 +56,13 @@ class MoEConfig:
     last: int = 0                 # MoE at the last n blocks
     layers: list[int] = field(default_factory=list)  # explicit 0-based block indices
     top_k: int = 2                # experts per token (or image): 1 or 2
-    capacity_factor: float = 2.0  # in training: capacity = ceil(tokens / E * factor * top_k)
+    # capacity per expert from the factor: deepspeed ceil(units / E * factor * top_k) (the
+    # default: every config before the option trained with it); axlearn floor(units * factor / E)
+    # rounded up to a multiple of 4, no top_k (CLIP-UP's framework). See CAPACITY_RULES.
+    capacity_rule: str = "deepspeed"
+    capacity_factor: float = 2.0  # capacity factor in training (see capacity_rule)
     eval_capacity_factor: float = 2.0  # capacity_factor at evaluation / inference
-    min_capacity: int = 4         # capacity is at least this many tokens per expert
+    min_capacity: int = 4         # never fewer slots per expert (axlearn: its expert_capacity)
     drop_tokens: bool = True      # capacity mode only; False: capacity = the busiest expert's load
     dispatch: str = "capacity"    # capacity (DeepSpeed buffers + all-to-all) | dropless (ragged)
     # auto: the CUDA extension when built and the call fits, else torch's grouped mm where it
@@ -117,12 +131,16 @@ class MoEConfig:
                 raise err(f"{name}={getattr(self, name)} must be > 0")
         if self.min_capacity < 0:
             raise err(f"min_capacity={self.min_capacity} must be >= 0")
-        for name, allowed in (("dispatch", DISPATCHES), ("expert_backend", EXPERT_BACKENDS),
+        for name, allowed in (("dispatch", DISPATCHES), ("capacity_rule", CAPACITY_RULES),
+                              ("expert_backend", EXPERT_BACKENDS),
                               ("noisy_gate", NOISY_GATES),
                               ("router_init", ROUTER_INITS), ("routing", ROUTINGS),
                               ("image_router_input", IMAGE_ROUTER_INPUTS)):
             if getattr(self, name) not in allowed:
                 raise err(f"{name}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
+        if self.aux.load_balance_mask not in LOAD_BALANCE_MASKS:
+            raise err(f"aux.load_balance_mask={self.aux.load_balance_mask!r}: expected one of "
+                      f"{', '.join(LOAD_BALANCE_MASKS)}")
         if self.routing == "image" and tower != "vision":
             raise err("routing='image' is for the vision tower only")
         for name in ("load_balance", "z_loss", "entropy_local", "entropy_global", "superclass"):

@@ -149,7 +149,8 @@ class MoEMLP(MegatronModule):
         out = out.transpose(0, 1) if self.cfg.routing == "image" else out.view(s, b, d)
         out = out.to(hidden.dtype)                                  # [s, b, d]
 
-        losses = aux_losses(logits, probs, chosen, valid, self.cfg.global_threshold())
+        losses = aux_losses(logits, probs, chosen, valid, self.cfg.global_threshold(),
+                            self.cfg.aux.load_balance_mask)
         if targets is not None:  # trains the router alone: its input is detached here
             losses["superclass"] = superclass_loss(
                 F.linear(router_in.detach().float(), self.router.wg.weight.float()),

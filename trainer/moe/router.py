@@ -40,12 +40,15 @@ class Router(TopKGate):
 
     def capacity(self, units: int) -> int:
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
-        return capacity_for(units, self.cfg.num_experts, factor, self.k, self.min_capacity)
+        return capacity_for(units, self.cfg.num_experts, factor, self.k, self.min_capacity,
+                            self.cfg.capacity_rule)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor, capacity_fn=None):
         """x [U, d], valid [U] bool. ``capacity_fn(chosen [U, k], valid) -> int | None``
         decides the capacity after the choice (dropless: None; no-drop: the busiest expert
-        over the EP group); by default DeepSpeed's factor rule. -> (Routing, logits, probs,
+        over the EP group); by default the factor rule ``cfg.capacity_rule``. DeepSpeed's
+        ``TopKGate.forward`` (and its own ``_capacity``) never runs: its capacity settings
+        above are stored only, the capacity of every call comes from ``capacity``. -> (Routing, logits, probs,
         chosen)."""
         logits = self.logits(x)
         chosen, probs = choose(logits, self.k, self.cfg.noisy_gate, self.training)

@@ -11,7 +11,8 @@ routing units (tokens, or whole images under image-level routing):
    noise to the selection only, training only);
 3. assign: capacity slots first-come first-served with every unit's first choice ahead of any
    second choice (DeepSpeed's top-2 priority); padding units and routes past capacity get
-   expert -1. Capacity: ``capacity_for`` (DeepSpeed's factor rule), or None (dropless);
+   expert -1. Capacity: ``capacity_for`` (the factor rule named by ``moe.capacity_rule``:
+   DeepSpeed's or AXLearn's), or None (dropless);
 4. weigh: the kept routes' probabilities renormalised to sum to 1 (top-2), or the
    straight-through ``p1 / p1.detach()`` (top-1: 1.0 forward, the router still learns);
 5. aux losses and statistics over the valid (non-padding) units only.
@@ -28,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from trainer.moe.config import CAPACITY_RULES, LOAD_BALANCE_MASKS
 
 JITTER_EPS = 1e-2  # DeepSpeed's multiplicative_jitter default
 
@@ -77,9 +80,27 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor, noise: str = "none",
     return F.linear(x, weight.float())
 
 
-def capacity_for(units: int, num_experts: int, factor: float, k: int, min_capacity: int) -> int:
-    """DeepSpeed's rule: ceil(units / E * factor * k), at least ``min_capacity``."""
-    return max(math.ceil(units / num_experts * factor * k), min_capacity)
+def capacity_for(units: int, num_experts: int, factor: float, k: int, min_capacity: int,
+                 rule: str = "deepspeed") -> int:
+    """Capacity slots per expert for ``units`` routing units under a named rule.
+
+    deepspeed  ceil(units / E * factor * k), at least ``min_capacity`` (DeepSpeed's
+               ``_capacity`` in deepspeed/moe/sharded_moe.py, as Megatron's
+               ``moe_expert_capacity_factor``): the slots grow with top-k.
+    axlearn    floor(units * factor / E) with no ``* k``, rounded up to a multiple of 4 when it
+               exceeds ``min_capacity`` (AXLearn's ``expert_capacity``), else ``min_capacity``
+               (apple/axlearn, axlearn/common/mixture_of_experts.py,
+               ``_compute_expert_capacity``; its default ``expert_capacity=None`` acts as 1).
+               CLIP-UP's framework: at top-2 and the same factor, half DeepSpeed's slots.
+    """
+    if rule == "deepspeed":
+        return max(math.ceil(units / num_experts * factor * k), min_capacity)
+    if rule == "axlearn":
+        auto = int(units * factor / num_experts)
+        if auto <= min_capacity:
+            return min_capacity
+        return auto + (-auto % 4)
+    raise ValueError(f"capacity rule {rule!r}: expected one of {', '.join(CAPACITY_RULES)}")
 
 
 def choose(logits: torch.Tensor, k: int, noise: str = "none", training: bool = False
@@ -160,16 +181,25 @@ def _entropy(p: torch.Tensor) -> torch.Tensor:
 
 
 def aux_losses(logits: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor,
-               valid: torch.Tensor, global_threshold: float) -> dict[str, torch.Tensor]:
+               valid: torch.Tensor, global_threshold: float,
+               load_balance_mask: str = "topk") -> dict[str, torch.Tensor]:
     """Unweighted router losses over the valid units of one layer.
 
-    load_balance    E * sum_e f_e * P_e; f_e: fraction of the valid units' k choices that
-                    picked e (before capacity), P_e: mean router probability of e
+    load_balance    E * sum_e f_e * P_e; P_e: mean router probability of e; f_e (before
+                    capacity), by ``load_balance_mask``: ``topk`` the fraction of the valid
+                    units' k choices that picked e (DeepSpeed's ``topkgating``, k > 2); ``top1`` the fraction of valid units whose
+                    first choice is e (DeepSpeed's ``top2gating`` ``mask1``, AXLearn's
+                    ``Top2Gating`` ``density_1``: both count the top-1 mask only)
     z_loss          mean of logsumexp(logits)^2
     entropy_local   mean per-unit routing entropy
     entropy_global  max(0, threshold - entropy of the mean routing distribution)
     """
     e = probs.shape[1]
+    if load_balance_mask == "top1":
+        chosen = chosen[:, :1]
+    elif load_balance_mask != "topk":
+        raise ValueError(f"load-balance mask {load_balance_mask!r}: expected one of "
+                         f"{', '.join(LOAD_BALANCE_MASKS)}")
     w = valid.to(probs.dtype)
     n = w.sum().clamp_min(1.0)
     mean_p = (probs * w[:, None]).sum(0) / n                    # [E]
