@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         import torch.distributed as dist
-        if dist.is_initialized():
+        if dist.is_initialized() and not args.exported:  # the group this call started
             dist.destroy_process_group()
     if result is not None:
         from trainer.eval import format_metrics
