@@ -33,6 +33,7 @@ def prepare(argv) -> tuple[Config, "object", ParallelLayout]:
     """Everything that can fail on bad input, before torch.distributed or megatron."""
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    cfg.train.wandb.check_installed("train.wandb")
     launch = read_launch_env()
     layout = ParallelLayout(launch.world_size, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep)
     for key in ("train_urls", "eval_urls"):  # a typo'd shard path: one line, not an empty epoch

@@ -99,7 +99,8 @@ class Trainer:
         self.samples_per_step = t.micro_batch_size * t.num_microbatches * layout.dp
         self.flops, self.peak = model_flops_per_sample(cfg), peak_flops()
         self.metrics = MetricsLogger(cfg.run_dir, self.reporter, t.steps, self.state["step"],
-                                     tensorboard=t.tensorboard, progress_bar=t.progress_bar)
+                                     tensorboard=t.tensorboard, progress_bar=t.progress_bar,
+                                     wandb=t.wandb, config=config_to_dict(cfg))
         self.signals = signals or StopSignals()
         self.history: list[float] = []
         self.evals: list[dict] = []
