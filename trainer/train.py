@@ -16,6 +16,7 @@ import sys
 from trainer.config import Config, ConfigError, load_config
 from trainer.data.urls import check_local_shards
 from trainer.distributed.launch import LaunchError, read_launch_env
+from trainer.distributed.logs import setup_logging
 from trainer.distributed.layout import LayoutError, ParallelLayout
 
 log = logging.getLogger("upclip")
@@ -52,9 +53,6 @@ def run(cfg: Config, launch, layout: ParallelLayout, signals=None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s",
-                        datefmt="%H:%M:%S")
-    logging.getLogger("megatron").setLevel(logging.WARNING)  # it lists every param at INFO
     from trainer.signals import StopSignals, write_exit_status
 
     # Handlers first: a SLURM stop signal that arrives while megatron is still importing is
@@ -65,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, LaunchError, LayoutError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    setup_logging(launch.rank)  # INFO from rank 0; known-benign dependency messages filtered
     result = run(cfg, launch, layout, signals)
     import torch.distributed as dist
     if dist.is_initialized():

@@ -30,6 +30,7 @@ from trainer.distributed import init_distributed
 from trainer.distributed.device import default_device
 from trainer.distributed.grads import clip_grads, finalize_grads, wrap_ddp, zero_grads
 from trainer.distributed.layout import ParallelLayout
+from trainer.distributed.logs import optional_dependencies
 from trainer.distributed.rng import rng_state, set_rng_state
 from trainer.eval import evaluate, format_metrics
 from trainer.eval.embed import EvalSetError
@@ -78,6 +79,7 @@ class Trainer:
         self.reporter = layout.is_last_stage and layout.tp_rank == 0 and layout.dp_rank == 0
         if launch.rank == 0:
             log.info("%s; layout %s", launch.describe(), layout.describe())
+            log.info(optional_dependencies())
             Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
             (Path(cfg.run_dir) / "config.json").write_text(
                 json.dumps(config_to_dict(cfg), indent=1))

@@ -34,9 +34,10 @@ class WandbLogger:
             project=cfg.project, entity=cfg.entity or None, name=cfg.name or run_dir.name,
             group=cfg.group or None, tags=cfg.tags or None, mode=cfg.mode or None,
             dir=str(directory), config=config, id=run_id, resume="allow",
-            settings=wandb.Settings(quiet=True))  # our one line below instead of its banner
+            settings=wandb.Settings(silent=True))  # our one line below instead of its banner
         log.info("wandb: run %s (%s, id %s) in %s", self.run.name,
-                 "offline" if self.run.offline else "online", run_id, self.run.dir)
+                 "offline: `wandb sync` uploads it" if self.run.offline else self.run.url,
+                 run_id, Path(self.run.dir).parent)
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         self.run.log(scalars, step=step)

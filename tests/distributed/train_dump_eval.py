@@ -40,6 +40,9 @@ def install() -> None:
 
 
 def main() -> int:
+    from trainer.distributed.logs import install_filters
+
+    install_filters()  # as trainer.train does, before install() imports megatron
     install()
     from trainer import train
 
