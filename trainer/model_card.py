@@ -67,10 +67,12 @@ def model_card(cfg: Config, manifest: dict, source: dict, preprocess: dict) -> s
         f"# UpCLIP {kind} CLIP",
         "",
         f"Trained with UpCLIP; embedding size {m.embed_dim}.",
+        "",
         _tower("vision", m.vision, f", image {m.vision.image_size}, patch {m.vision.patch_size}"),
         _tower("text", m.text, f", context {m.text.context_length}, vocabulary "
                                f"{m.text.vocab_size}"),
-        ("- CLOC region prompter: " + f"{m.prompter.layers} blocks" if m.prompter.layers
+        (f"- CLOC region prompter: {m.prompter.layers} block"
+         + ("s" if m.prompter.layers > 1 else "") if m.prompter.layers
          else "- no region prompter"),
         "",
         "## Use",
