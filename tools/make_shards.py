@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
         sp.add_argument("--prefix", default=prefix, help=f"shard file prefix (default {prefix})")
         sp.add_argument("--shard-size", type=int, default=shard_size, help="samples per shard")
-        sp.add_argument("--quiet", action="store_true", help="no progress bar (none off a terminal)")
+        sp.add_argument("--quiet", action="store_true", help="no progress bar (none off a tty)")
 
     s = sub.add_parser("synthetic", help="coloured-shape scenes with one region per shape")
     common(s, "scenes", 1000)

@@ -52,8 +52,11 @@ def test_benign_log_records_only(caplog):
     assert [r.getMessage() for r in caplog.records] == ["something else"]
 
 
+def record(level: int) -> logging.LogRecord:
+    return logging.LogRecord("upclip", level, __file__, 1, "m", None, None)
+
+
 def test_info_from_rank_zero_warnings_from_all():
-    record = lambda level: logging.LogRecord("upclip", level, __file__, 1, "m", None, None)  # noqa: E731
     zero, one = logs.RankZeroInfo(0), logs.RankZeroInfo(1)
     assert zero.filter(record(logging.INFO)) and zero.filter(record(logging.WARNING))
     assert not one.filter(record(logging.INFO)) and one.filter(record(logging.WARNING))
