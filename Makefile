@@ -12,27 +12,35 @@ export OMP_NUM_THREADS ?= 1
 
 setup: $(VENV)/.installed
 
-# apt packages first (Debian names, one per line in apt-packages.txt), then the venv.
+# One line per stage; apt's and pip's own output goes to $(SETUP_LOG) (its tail is printed
+# when a stage fails). apt packages first (Debian names, one per line in apt-packages.txt),
+# then the venv: torch first (DeepSpeed's setup imports it), DS_BUILD_OPS=0 (no op compiled
+# at install), then requirements.txt and the CUTLASS C++ headers for kernels/ (headers only).
+SETUP_LOG := $(VENV)/setup.log
+STAGE = stage() { echo "setup: $$1"; shift; "$$@" >>$(SETUP_LOG) 2>&1 || { \
+	  echo "setup: FAILED ($$*); the last 30 lines of $(SETUP_LOG):"; \
+	  tail -n 30 $(SETUP_LOG); exit 1; }; }
+PIP   = $(PY) -m pip install --progress-bar off
 $(VENV)/.installed: requirements.txt apt-packages.txt pyproject.toml
-	@missing=$$(for p in $$(grep -v '^#' apt-packages.txt); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
-	if [ -n "$$missing" ]; then echo "apt-get install $$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# torch first: DeepSpeed's setup imports it. DS_BUILD_OPS=0: no op is compiled at install.
-	DS_BUILD_OPS=0 $(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	DS_BUILD_OPS=0 $(PY) -m pip install -q -r requirements.txt
-	# CUTLASS C++ headers for kernels/ (headers only: no dependencies needed)
-	$(PY) -m pip install -q --no-deps nvidia-cutlass==4.2.0.0
-	# clip_benchmark's metric modules (tests' reference); its other dependencies are not needed
-	$(PY) -m pip install -q --no-deps clip-benchmark==1.6.2
-	# UpCLIP itself, editable: the upclip / upclip-train ... commands in .venv/bin
-	$(PY) -m pip install -q --no-deps -e .
-	touch $@
+	@mkdir -p $(VENV) && : > $(SETUP_LOG) && $(STAGE) && \
+	echo "setup: into $(VENV); apt and pip output: $(SETUP_LOG)" && \
+	missing=$$(for p in $$(grep -v '^#' apt-packages.txt); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then stage "apt-get install $$(echo $$missing)" $(SHELL) -c "apt-get update && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y $$(echo $$missing)"; fi && \
+	{ test -x $(PY) || stage "python3 -m venv $(VENV)" python3 -m venv $(VENV); } && \
+	stage "pip: pip" $(PIP) --upgrade pip && \
+	stage "pip: torch, torchvision (CUDA build, about 5 GB)" \
+	  env DS_BUILD_OPS=0 $(PIP) torch==2.14.1 torchvision==0.29.1 && \
+	stage "pip: requirements.txt" env DS_BUILD_OPS=0 $(PIP) -r requirements.txt && \
+	stage "pip: CUTLASS headers (kernels/)" $(PIP) --no-deps nvidia-cutlass==4.2.0.0 && \
+	stage "pip: clip-benchmark metrics (tests' reference; its other deps not needed)" \
+	  $(PIP) --no-deps clip-benchmark==1.6.2 && \
+	stage "pip: upclip (editable: the upclip / upclip-* commands)" $(PIP) --no-deps -e . && \
+	touch $@ && echo "setup: done"
 
 # Fashion-MNIST shards, a dense tiny CLIP, upcycled to MoE and trained on (tools/smoke.sh).
 smoke: setup
-	PY=$(PY) bash tools/smoke.sh
+	@PY=$(PY) bash tools/smoke.sh
 
 # The CUDA extension compiles on CPU machines too (torch CUDA build + nvcc), so a compile
 # error fails CI; --reduced (bf16 instantiations) keeps it to ~3 min on 2 cores.

@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {"samples": 0, "matched": 0, "unmatched_samples": 0, "invalid_regions": 0,
               "malformed_json_replaced": 0, "duplicate_label_lines": duplicates,
               "shard_errors": []}
-    for url in tqdm(urls, desc="shards", unit="shard", disable=args.quiet):
+    for url in tqdm(urls, desc="shards", unit="shard",
+                    disable=True if args.quiet else None):  # None: only on a terminal
         name = os.path.splitext(os.path.basename(url.split()[-1]))[0]
         with ShardSink(args.out, file_name=f"{name}.tar") as sink:
             try:

@@ -33,7 +33,9 @@ Loading the exports:
     open_clip.create_model("local-dir:exports/b32-oc"), or with the model config registered:
         open_clip.add_model_config("exports/b32-oc")            (registers "b32-oc", see --name)
         open_clip.create_model("b32-oc", pretrained="exports/b32-oc/open_clip_model.safetensors")
-    trainer.hub.load("exports/b16-moe"), trainer.hub.load_tokenizer("exports/b16-moe")
+    trainer.hub.load("exports/b16-moe"), trainer.hub.load_tokenizer("exports/b16-moe"), or
+    without UpCLIP: transformers.AutoModel.from_pretrained("exports/b16-moe",
+        trust_remote_code=True)                 (the export's modeling_upclip.py; README.md)
 
 Every command refuses a non-empty --out unless --force; verifies the checksums of what it
 reads (a checkpoint's manifest) and writes (the new manifest; SHA256SUMS of an export); and
@@ -349,8 +351,9 @@ def parser() -> argparse.ArgumentParser:
                          "preprocessor and CLIP BPE tokenizer files); --to open_clip: "
                          "open_clip_model.safetensors + open_clip_config.json + NAME.json; "
                          "--to moe: config.json + model.safetensors (experts stacked per "
-                         "layer) for trainer/hub.py. MoE checkpoints go to hf / open_clip only "
-                         "with --merge-experts (lossy).")
+                         "layer) + modeling_upclip.py + README.md for trainer/hub.py and "
+                         "transformers AutoModel (trust_remote_code=True). MoE checkpoints go "
+                         "to hf / open_clip only with --merge-experts (lossy).")
     exp.add_argument("--to", dest="target", choices=("hf", "open_clip", "moe"), required=True,
                      help="target format (moe: the plain model of trainer/hub.py)")
     exp.add_argument("--ckpt", required=True, help="checkpoint directory, or a root with 'latest'")

@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
         sp.add_argument("--prefix", default=prefix, help=f"shard file prefix (default {prefix})")
         sp.add_argument("--shard-size", type=int, default=shard_size, help="samples per shard")
-        sp.add_argument("--quiet", action="store_true", help="no progress bar")
+        sp.add_argument("--quiet", action="store_true", help="no progress bar (none off a tty)")
 
     s = sub.add_parser("synthetic", help="coloured-shape scenes with one region per shape")
     common(s, "scenes", 1000)
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         samples = sources.folder_samples(args.images, args.captions, args.regions, stats)
 
     bar = tqdm(samples, total=total, desc=f"{args.source} -> {args.out}", unit="sample",
-               disable=args.quiet)
+               disable=True if args.quiet else None)  # None: only on a terminal
     try:
         sink = write_shards(bar, args.out, args.prefix, args.shard_size, info)
     except (FileNotFoundError, ValueError) as e:

@@ -161,6 +161,39 @@ class ParallelConfig:
             _positive(self, key, name)
 
 
+WANDB_MODES = ("", "online", "offline", "disabled")
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases logging (trainer/wandb_logger.py): the reporting rank only, the same
+    scalars as metrics.jsonl / TensorBoard, the resolved config. Needs ``pip install wandb``."""
+    project: str = ""  # W&B project; empty: no wandb
+    entity: str = ""   # team or user that owns the project (empty: your default entity)
+    name: str = ""     # run name shown in the UI (empty: the name of run_dir)
+    group: str = ""    # groups runs in the UI, e.g. the phases of one experiment
+    tags: list[str] = field(default_factory=list)  # labels for filtering runs in the UI
+    mode: str = ""     # online | offline (no network) | disabled; empty: $WANDB_MODE or online
+    dir: str = ""      # where wandb writes its run files (empty: run_dir)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.project) and self.mode != "disabled"
+
+    def validate(self, key: str) -> None:
+        if self.mode not in WANDB_MODES:
+            raise ConfigError(f"{key}.mode={self.mode!r}: expected one of "
+                              f"{', '.join(m for m in WANDB_MODES if m)} (or empty)")
+
+    def check_installed(self, key: str) -> None:
+        """A run that logs to wandb needs the package (checked before training starts)."""
+        import importlib.util
+
+        if self.enabled and importlib.util.find_spec("wandb") is None:
+            raise ConfigError(f"{key}.project={self.project!r} but wandb is not installed "
+                              f"(pip install wandb, or leave {key}.project empty)")
+
+
 LOSSES = ("clip", "siglip")
 TRAINABLE_NAMES = ("all", "ffn", "experts", "router")  # trainer/step.py TRAINABLE_SETS
 SCHEDULES = ("cosine", "constant")
@@ -213,6 +246,7 @@ class TrainConfig:
     log_every: int = 1          # steps between metric lines (metrics.jsonl, TensorBoard)
     tensorboard: bool = True    # run_dir/tensorboard next to run_dir/metrics.jsonl
     progress_bar: bool = True   # rank 0 only, when stderr is a terminal
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # Weights & Biases (off by default)
 
     def validate(self, key: str) -> None:
         for name in ("steps", "micro_batch_size", "num_microbatches", "log_every",
@@ -239,6 +273,7 @@ class TrainConfig:
                 raise ConfigError(f"{key}.trainable[{i}]={entry!r}: expected one of "
                                   f"{', '.join(TRAINABLE_NAMES)} or a glob over parameter "
                                   "names (e.g. 'visual.transformer.layers.*.mlp.*')")
+        self.wandb.validate(f"{key}.wandb")
 
 
 @dataclass

@@ -32,7 +32,9 @@ from trainer.config import Config, ModelConfig
 from trainer.distributed.layout import ParallelLayout
 from trainer.hub import (CHECKSUMS_FILE, CONFIG_FILE, FORMAT, FORMAT_VERSION, WEIGHTS_FILE,
                          mismatch_report)
+from trainer import remote_code
 from trainer.io import sha256
+from trainer.model_card import model_card
 from trainer.models import convert
 from trainer.models.build import build_model
 from trainer.moe import names
@@ -225,12 +227,18 @@ def _write_moe(src: Source, d: Directory, dtype: torch.dtype) -> list[str]:
         else:
             notes.append(f"data.tokenizer.model_path={tok['model_path']!r} not found: copy it "
                          f"beside {CONFIG_FILE} for trainer.hub.load_tokenizer")
+    source = {"checkpoint": str(src.path), "step": src.manifest["step"],
+              "merged_experts": src.merged_from is not None}
     d.json(CONFIG_FILE, {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "model": dataclasses.asdict(src.cfg.model), "tokenizer": tok,
-        "preprocess": preprocess(src.cfg), "weights": WEIGHTS_FILE,
-        "source": {"checkpoint": str(src.path), "step": src.manifest["step"],
-                   "merged_experts": src.merged_from is not None}})
+        "preprocess": preprocess(src.cfg), "weights": WEIGHTS_FILE, "source": source,
+        # transformers: AutoModel.from_pretrained(<out>, trust_remote_code=True)
+        "model_type": remote_code.MODEL_TYPE, "architectures": [remote_code.MODEL_CLASS],
+        "auto_map": remote_code.AUTO_MAP, "dtype": str(dtype).removeprefix("torch.")})
+    (d.path / remote_code.FILE_NAME).write_text(remote_code.modeling_source())
+    (d.path / "README.md").write_text(
+        model_card(src.cfg, src.manifest, source, preprocess(src.cfg)))
     d.safetensors(WEIGHTS_FILE, _cast(convert.to_hub(src.full, src.cfg.model), dtype))
     return notes
 

@@ -9,9 +9,10 @@
         out = model(images, tokens)               # normalised features + logit_scale, as CLIP
 
 No megatron-core, no DeepSpeed, no process group: torch, safetensors, this repo's config
-dataclasses, its routing rules (trainer/moe/routing.py) and ``kernels`` (the experts run
-through ``kernels.expert_mlp`` with backend "auto": the CUDA extension when built, else
-torch's grouped mm for bf16/fp16, else the PyTorch reference).
+dataclasses, its routing rules (trainer/moe/routing.py), CLOC's prompter and ``kernels`` (the
+experts run through ``kernels.expert_mlp`` with backend "auto": the CUDA extension when
+built, else torch's grouped mm for bf16/fp16, else the PyTorch reference; the export's
+modeling_upclip.py always runs the reference).
 ``tools/convert_checkpoint.py export --to moe`` writes the directory:
 
     config.json        {"format": "upclip", "format_version": 1, "model": <ModelConfig>,
@@ -25,6 +26,11 @@ torch's grouped mm for bf16/fp16, else the PyTorch reference).
                          mlp.experts.w2     [E, f, d]
                          mlp.experts.b2     [E, d]
                        plus ``logit_bias`` (SigLIP) and ``prompter.*`` (CLOC) when trained with them
+    modeling_upclip.py this module's model as one plain-torch file (trainer/remote_code.py
+                       generates it from the source), so that transformers loads the export
+                       without UpCLIP: ``AutoModel.from_pretrained(dir, trust_remote_code=True)``
+                       (config.json's ``model_type``/``auto_map``); ``.clip`` is UpCLIPModel
+    README.md          model card: architecture, use, preprocessing, provenance, config
     SHA256SUMS         ``sha256sum -c`` format, every other file; ``load`` checks it
 
 Routing is the trainer's at evaluation (trainer/moe/routing.py, tensor parallel size 1): top-k
@@ -45,10 +51,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
+from kernels import expert_mlp
 from kernels.activations import activation_fn
 from trainer.config import ModelConfig, from_dict
 from trainer.io import sha256
+from trainer.models.prompter import build_prompter
 from trainer.moe.routing import Routing, capacity_for, choose, group_routes, route, router_logits
 
 FORMAT = "upclip"
@@ -82,8 +89,8 @@ class Experts(nn.Module):
         u, n, d = units.shape
         routes, rows, counts = group_routes(routing.experts, self.w1.shape[0])
         xs = units.index_select(0, rows).reshape(-1, d)                  # [R*n, d] by expert
-        ys = kernels.expert_mlp(xs, self.w1, self.b1, self.w2, self.b2, counts * n,
-                                activation=self.activation).view(-1, n, d)
+        ys = expert_mlp(xs, self.w1, self.b1, self.w2, self.b2, counts * n,
+                        activation=self.activation).view(-1, n, d)
         w = routing.weights.reshape(-1).index_select(0, routes).to(ys.dtype)
         return torch.zeros_like(units).index_add(0, rows, ys * w[:, None, None])
 
@@ -218,7 +225,6 @@ class UpCLIPModel(nn.Module):
         if cfg.logit_bias_init is not None:
             self.logit_bias = nn.Parameter(torch.tensor(cfg.logit_bias_init))
         if cfg.prompter.layers:
-            from trainer.models.prompter import build_prompter
             self.prompter = build_prompter(cfg)
 
     def set_dropless(self, dropless: bool = True) -> None:

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 import kernels
-from trainer.config import Config, ModelConfig
+from trainer.config import Config, ModelConfig, WandbConfig
 from trainer.distributed.layout import ParallelLayout
 from trainer.moe.routing import capacity_for
 
@@ -172,12 +172,14 @@ def backend_calls(calls: Counter, device: torch.device) -> dict[str, int]:
 
 class MetricsLogger:
     """JSONL (``run_dir/metrics.jsonl``, one object per logged step, appended across
-    restarts), TensorBoard (``run_dir/tensorboard``) and a tqdm bar on a terminal."""
+    restarts), TensorBoard (``run_dir/tensorboard``), Weights & Biases (``wandb``, with the
+    resolved ``config``: trainer/wandb_logger.py) and a tqdm bar on a terminal."""
 
     def __init__(self, run_dir: str | Path, enabled: bool, total_steps: int, start_step: int,
-                 tensorboard: bool = True, progress_bar: bool = True):
+                 tensorboard: bool = True, progress_bar: bool = True,
+                 wandb: WandbConfig | None = None, config: dict | None = None):
         self.enabled = enabled
-        self.file = self.writer = self.bar = None
+        self.file = self.writer = self.bar = self.wandb = None
         if not enabled:
             return
         run_dir = Path(run_dir)
@@ -189,6 +191,9 @@ class MetricsLogger:
                 self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
             except ImportError:
                 log.warning("tensorboard is not installed: metrics go to metrics.jsonl only")
+        if wandb is not None and wandb.enabled:
+            from trainer.wandb_logger import WandbLogger
+            self.wandb = WandbLogger(wandb, run_dir, config or {})
         if progress_bar and sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
@@ -198,9 +203,12 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        scalars = _flatten(metrics)
         if self.writer is not None:
-            for k, v in _flatten(metrics).items():
+            for k, v in scalars.items():
                 self.writer.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(step, scalars)
 
     def progress(self, step: int, loss: float, samples_per_s: float) -> None:
         if self.bar is not None:
@@ -210,7 +218,7 @@ class MetricsLogger:
             self.bar.refresh()
 
     def close(self) -> None:
-        for h in (self.bar, self.writer, self.file):
+        for h in (self.bar, self.writer, self.wandb, self.file):
             if h is not None:
                 h.close()
 

@@ -19,6 +19,7 @@ from trainer.config_cli import named_configs, parse_config_args
 from trainer.config_docs import key_table, render_yaml
 from trainer.data.urls import check_local_shards
 from trainer.distributed.launch import LaunchError, read_launch_env
+from trainer.distributed.logs import setup_logging
 from trainer.distributed.layout import LayoutError, ParallelLayout
 from trainer.models.presets import MODEL_PRESETS
 from trainer.signals import EXIT_BAD_INPUT, EXIT_CODES, StopSignals, write_exit_status
@@ -63,6 +64,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def prepare(cfg: Config) -> tuple["object", ParallelLayout]:
     """Everything else that can fail on bad input, before torch.distributed or megatron."""
+    cfg.train.wandb.check_installed("train.wandb")
     launch = read_launch_env()
     layout = ParallelLayout(launch.world_size, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep)
     for key in ("train_urls", "eval_urls"):  # a typo'd shard path: one line, not an empty epoch
@@ -81,9 +83,6 @@ def run(cfg: Config, launch, layout: ParallelLayout, signals=None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s",
-                        datefmt="%H:%M:%S")
-    logging.getLogger("megatron").setLevel(logging.WARNING)  # it lists every param at INFO
     # Handlers first: a SLURM stop signal that arrives while megatron is still importing is
     # acted on at the first step instead of killing the process.
     signals = StopSignals()
@@ -99,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, LaunchError, LayoutError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    setup_logging(launch.rank)  # INFO from rank 0; known-benign dependency messages filtered
     result = run(cfg, launch, layout, signals)
     import torch.distributed as dist
     if dist.is_initialized():

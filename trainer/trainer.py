@@ -30,6 +30,7 @@ from trainer.distributed import init_distributed
 from trainer.distributed.device import default_device
 from trainer.distributed.grads import clip_grads, finalize_grads, wrap_ddp, zero_grads
 from trainer.distributed.layout import ParallelLayout
+from trainer.distributed.logs import optional_dependencies
 from trainer.distributed.rng import rng_state, set_rng_state
 from trainer.eval import evaluate, format_metrics
 from trainer.eval.embed import EvalSetError
@@ -79,6 +80,7 @@ class Trainer:
         self.reporter = layout.is_last_stage and layout.tp_rank == 0 and layout.dp_rank == 0
         if launch.rank == 0:
             log.info("%s; layout %s", launch.describe(), layout.describe())
+            log.info(optional_dependencies())
             Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
             (Path(cfg.run_dir) / "config.json").write_text(
                 json.dumps(config_to_dict(cfg), indent=1))
@@ -100,7 +102,8 @@ class Trainer:
         self.samples_per_step = t.micro_batch_size * t.num_microbatches * layout.dp
         self.flops, self.peak = model_flops_per_sample(cfg), peak_flops()
         self.metrics = MetricsLogger(cfg.run_dir, self.reporter, t.steps, self.state["step"],
-                                     tensorboard=t.tensorboard, progress_bar=t.progress_bar)
+                                     tensorboard=t.tensorboard, progress_bar=t.progress_bar,
+                                     wandb=t.wandb, config=config_to_dict(cfg))
         self.signals = signals or StopSignals()
         self.history: list[float] = []
         self.evals: list[dict] = []

@@ -35,14 +35,15 @@ def run_check(script: str, nproc: int, workdir: Path, timeout: float = 900) -> N
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
 
-def start(cmd: list[str], log: Path | None = None) -> subprocess.Popen:
+def start(cmd: list[str], log: Path | None = None, env: dict | None = None) -> subprocess.Popen:
     """Start ``cmd`` in its own session, output to ``log`` (default: a temporary file that
     ``finish`` removes). A rank killed with SIGKILL can leave helper processes behind (data
-    workers) that would hold a pipe open; ``finish`` kills the whole session."""
+    workers) that would hold a pipe open; ``finish`` kills the whole session. ``env``: added to
+    clean_env()."""
     keep = log is not None
     log = log or Path(os.environ.get("TMPDIR", "/tmp")) / f"upclip-run-{time.time_ns()}.log"
     f = open(log, "w+")
-    proc = subprocess.Popen(cmd, env=clean_env(), cwd=ROOT, stdout=f,
+    proc = subprocess.Popen(cmd, env={**clean_env(), **(env or {})}, cwd=ROOT, stdout=f,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     proc.log, proc.keep_log = f, keep
     return proc

@@ -69,6 +69,9 @@ def install_key_log() -> None:
 
 
 def main() -> int:
+    from trainer.distributed.logs import install_filters
+
+    install_filters()  # as trainer.train does, before install() imports megatron
     install()
     install_key_log()
     from trainer import train

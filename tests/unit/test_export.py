@@ -235,6 +235,72 @@ def test_plain_model_routes_like_upclip(case, dist1):
             assert diff((plain.encode_image(images),), ref[:1]) > 1e-4
 
 
+AUTOMODEL = """
+import sys
+import torch
+from transformers import AutoModel
+images, text, boxes = torch.load('inputs.pt')
+model = AutoModel.from_pretrained('export', trust_remote_code=True).eval()
+assert type(model.clip).__name__ == 'UpCLIPModel', type(model.clip)
+with torch.no_grad():
+    out = (model.get_image_features(pixel_values=images), model.get_text_features(input_ids=text),
+           model.clip.encode_regions(images, boxes), model(images, text)['logit_bias'])
+torch.save([t.float() for t in out], 'out.pt')
+root, venv = sys.argv[1] + '/', sys.argv[1] + '/.venv/'
+files = {n: getattr(m, '__file__', None) or '' for n, m in list(sys.modules.items())}
+ours = [n for n, f in files.items() if n.split('.')[0] == 'trainer'
+        or (f.startswith(root) and not f.startswith(venv))]
+assert not ours, ours  # nothing of UpCLIP: the export's modeling file is all it has
+print(type(model).__name__, sum(type(m).__name__ == 'MoEMLP' for m in model.modules()))
+"""
+
+
+def test_transformers_automodel_loads_moe_export(tmp_path, dist1):
+    """--to moe: AutoModel.from_pretrained(trust_remote_code=True) in a process with no
+    UpCLIP on its path gives the plain MoE CLIP; its image, text and region embeddings equal
+    trainer.hub's within 1e-6 (random experts, top-2 with dropped routes, CLOC prompter,
+    SigLIP bias); the drops matter (dropless moves them by > 1e-4)."""
+    from trainer import checkpoint
+    from trainer.config import config_to_dict, load_config
+    from trainer.models.build import build_for_training
+
+    over = [f"model.text.vocab_size={peers.VOCAB}", "model.prompter.layers=1",
+            "model.logit_bias_init=-10.0"]
+    for tower in ("vision", "text"):
+        over += [f"model.{tower}.moe.{k}={v}" for k, v in dict(
+            MOE_CASES["token_top2_drops"], num_experts=4, every=1, router_init_std=0.5).items()]
+    cfg = load_config(None, over)
+    torch.manual_seed(2)
+    model = build_for_training(cfg, dist1)
+    checkpoint.save_checkpoint(tmp_path / "ck", 7, model, config_to_dict(cfg), dist1)
+    cli("export", "--to", "moe", "--ckpt", tmp_path / "ck", "--out", tmp_path / "export")
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["model_type"] == "upclip" and config["auto_map"]["AutoModel"] == \
+        "modeling_upclip.UpCLIPHFModel"
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "| step | 7 |" in card and "torch " + torch.__version__ in card
+    assert '"num_experts": 4' in card
+
+    images, text = peers.sample_inputs(n=4)
+    boxes = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.2, 0.3, 1.0, 0.9]]).expand(4, 2, 4)
+    torch.save([images, text, boxes], tmp_path / "inputs.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
+    p = subprocess.run([sys.executable, "-c", AUTOMODEL, str(ROOT)], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.split()[-2:] == ["UpCLIPHFModel", "4"], p.stdout  # 2 MoE blocks per tower
+    got = torch.load(tmp_path / "out.pt")
+
+    plain = hub.load(tmp_path / "export")
+    with torch.no_grad():
+        ref = (plain.encode_image(images), plain.encode_text(text),
+               plain.encode_regions(images, boxes), plain(images, text)["logit_bias"])
+        assert diff(got, ref) <= 1e-6
+        plain.set_dropless(True)
+        assert diff(got[:1], (plain.encode_image(images),)) > 1e-4
+
+
 # --------------------------------------------------------------------------- refusals
 
 def test_refuses_to_overwrite_unless_forced(src, capsys):
@@ -368,3 +434,21 @@ def test_mismatch_report_lists_everything():
     assert msg.startswith("6 missing: k2, k3, k4, k5, k6, ... 1 more; 1 unexpected: x; ")
     assert msg.endswith("1 wrongly shaped: k1 (expected [2], got [3])")
     assert hub.mismatch_report(got, dict(got)) == ""
+
+
+def test_modeling_file_generator_refuses_what_it_cannot_ship(monkeypatch):
+    """trainer/remote_code.py: a name from an unshipped module, a function-local import of
+    this repository, and an undefined global are errors at generation, not at load."""
+    from trainer import remote_code as rc
+
+    source = rc.modeling_source()
+    assert not rc.unresolved(source) and "import trainer" not in source
+    assert rc.unresolved(source + "\ndef f():\n    return undefined_name\n") == {"undefined_name"}
+    monkeypatch.setattr(rc, "ROOTS", rc.ROOTS + (("trainer/hub.py", "verify_checksums"),))
+    with pytest.raises(rc.RemoteCodeError, match="uses 'sha256' from trainer.io, which is not "
+                                                  "shipped"):
+        rc.modeling_source()
+    monkeypatch.setattr(rc, "ROOTS", (("trainer/hub.py", "load_tokenizer"),))
+    with pytest.raises(rc.RemoteCodeError, match="load_tokenizer imports from this repository "
+                                                  "inside a function"):
+        rc.modeling_source()

@@ -28,9 +28,10 @@ LAYERS = [
     (4, "moe", ("trainer.moe",)),
     (5, "models", ("trainer.models", "trainer.hub")),
     (6, "optim, step, checkpoint", ("trainer.optim", "trainer.step", "trainer.step_cache",
-                                    "trainer.checkpoint",
-                                    "trainer.reshard", "trainer.metrics")),
-    (7, "eval, export", ("trainer.eval", "trainer.export", "trainer.upcycle")),
+                                    "trainer.checkpoint", "trainer.reshard", "trainer.metrics",
+                                    "trainer.wandb_logger")),
+    (7, "eval, export", ("trainer.eval", "trainer.export", "trainer.upcycle",
+                         "trainer.remote_code", "trainer.model_card")),
     (8, "trainer loop, dmu", ("trainer.trainer", "trainer.dmu")),
     (9, "tools", ("tools", "bench", "trainer.train", "trainer.dmu.__main__")),
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import types
 
 import torch
@@ -20,6 +21,15 @@ _APPLIED = False
 
 def needed() -> bool:
     return not torch.cuda.is_available()
+
+
+def select_deepspeed_accelerator() -> None:
+    """Without CUDA, DeepSpeed falls back to its CPU accelerator by itself and warns "Setting
+    accelerator to CPU" on every rank; naming it first (``DS_ACCELERATOR=cpu``, unless the
+    user set one) is the same choice, said once in our log instead. Call before DeepSpeed is
+    imported (trainer/moe/router.py, dispatch.py, groups.py do)."""
+    if needed():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def apply() -> None:

@@ -36,6 +36,7 @@ from trainer.config import (Config, ConfigError, config_to_dict, deep_merge, der
                             from_dict, load_config, parse_overrides)
 from trainer.config_cli import parse_config_args
 from trainer.distributed.launch import LaunchError, read_launch_env
+from trainer.distributed.logs import setup_logging
 from trainer.distributed.layout import LayoutError, ParallelLayout
 from trainer.moe.upcycle import dense_config
 
@@ -205,9 +206,6 @@ def run(plan: Plan, launch, layout: ParallelLayout, signals=None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s",
-                        datefmt="%H:%M:%S")
-    logging.getLogger("megatron").setLevel(logging.WARNING)
     from trainer.signals import StopSignals, write_exit_status
 
     signals = StopSignals()  # before the heavy imports, as trainer.train does
@@ -225,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, LaunchError, LayoutError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    setup_logging(launch.rank)  # as trainer.train: INFO from rank 0, known-benign filtered
     code = run(plan, launch, layout, signals)
     import torch.distributed as dist
     if dist.is_initialized():

@@ -58,7 +58,9 @@ def tower_transformer_config(tower: VisionConfig | TextConfig, model: ModelConfi
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         sequence_parallel=False, params_dtype=dtype, pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16, use_cpu_initialization=not torch.cuda.is_available(),
-        init_method_std=0.02, deallocate_pipeline_outputs=False, **extra)
+        init_method_std=0.02, deallocate_pipeline_outputs=False,
+        cuda_graph_scope=[],  # the whole layer; the default "full" is deprecated (and warns)
+        **extra)
 
 
 class VisionTower(MegatronModule):

@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from deepspeed.moe.sharded_moe import (MOELayer, _AllToAll, _route_slots, _sparse_decode,
-                                       _sparse_encode)
 
-from trainer.moe.routing import Routing, expert_counts, group_routes
+from trainer.distributed import cpu_compat
+
+cpu_compat.select_deepspeed_accelerator()  # before DeepSpeed is imported
+from deepspeed.moe.sharded_moe import (MOELayer, _AllToAll, _route_slots,  # noqa: E402
+                                       _sparse_decode, _sparse_encode)
+
+from trainer.moe.routing import Routing, expert_counts, group_routes  # noqa: E402
 
 
 def busiest_expert(chosen: torch.Tensor, valid: torch.Tensor, num_experts: int, group,

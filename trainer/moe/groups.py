@@ -17,12 +17,13 @@ def group_name(ep: int) -> str:
 
 def use_megatron_groups() -> str:
     """Idempotent; collective-free. Returns the DeepSpeed group name."""
+    from trainer.distributed import cpu_compat
+
+    cpu_compat.select_deepspeed_accelerator()  # before DeepSpeed is imported
     import deepspeed
     import deepspeed.comm as ds_comm
     from deepspeed.utils import groups
     from megatron.core import parallel_state as ps
-
-    from trainer.distributed import cpu_compat
 
     cpu_compat.patch_deepspeed()
     if not ds_comm.is_initialized():

@@ -8,10 +8,14 @@ expert e alone with weight 1 and no capacity limit (``routing.forced``).
 from __future__ import annotations
 
 import torch
-from deepspeed.moe.sharded_moe import TopKGate
 
-from trainer.moe.config import MoEConfig
-from trainer.moe.routing import capacity_for, choose, forced, route, router_logits
+from trainer.distributed import cpu_compat
+
+cpu_compat.select_deepspeed_accelerator()  # before DeepSpeed is imported
+from deepspeed.moe.sharded_moe import TopKGate  # noqa: E402
+
+from trainer.moe.config import MoEConfig  # noqa: E402
+from trainer.moe.routing import capacity_for, choose, forced, route, router_logits  # noqa: E402
 
 _DS_NOISE = {"none": None, "jitter": "Jitter", "rsample": "RSample"}
 
