@@ -483,6 +483,26 @@ def _positive(obj: Any, key: str, name: str) -> None:
 
 # --------------------------------------------------------------------------- building
 
+class UnknownKeyError(ConfigError):
+    """A key no dataclass field has; `config_of` adds "did you mean" guesses to it."""
+
+    def __init__(self, dotted: str, name: str, known: list[str], guesses: tuple = ()):
+        hint = f"did you mean {' or '.join(map(repr, guesses))}? " if guesses else ""
+        super().__init__(f"unknown config key '{dotted}' ({hint}known here: "
+                         f"{', '.join(known)})")
+        self.dotted, self.name, self.known = dotted, name, known
+
+
+def config_of(raw: dict) -> Config:
+    """``from_dict(Config, raw)`` whose unknown-key error names the likely meant keys
+    (trainer/config_docs.py ``did_you_mean``: not part of an export's modeling file)."""
+    try:
+        return from_dict(Config, raw)
+    except UnknownKeyError as e:
+        guesses = tuple(did_you_mean(e.dotted, e.name, e.known, Config))
+        raise UnknownKeyError(e.dotted, e.name, e.known, guesses) from None
+
+
 def from_dict(cls: type, raw: dict, key: str = "") -> Any:
     """Build dataclass ``cls`` from a nested dict; unknown keys and bad types are errors."""
     if not isinstance(raw, dict):
@@ -493,10 +513,7 @@ def from_dict(cls: type, raw: dict, key: str = "") -> Any:
     for name, value in raw.items():
         dotted = f"{key}.{name}" if key else str(name)
         if name not in names:
-            known = ", ".join(sorted(names))
-            guesses = did_you_mean(dotted, str(name), sorted(names), Config)
-            hint = f"did you mean {' or '.join(map(repr, guesses))}? " if guesses else ""
-            raise ConfigError(f"unknown config key '{dotted}' ({hint}known here: {known})")
+            raise UnknownKeyError(dotted, str(name), sorted(names))
         kwargs[name] = _coerce(hints[name], value, dotted)
     return cls(**kwargs)
 
@@ -673,7 +690,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """defaults < YAML file < overrides; then preset expansion, the paired keys, validation."""
     given = read_yaml(path) if path else {}
     given = deep_merge(given, parse_overrides(overrides or []))
-    cfg = from_dict(Config, _expand_preset(given))
+    cfg = config_of(_expand_preset(given))
     derive_paired(cfg, given)
     cfg.validate()
     return cfg
@@ -685,6 +702,6 @@ def config_to_dict(cfg: Any) -> dict:
 
 def config_from_saved(d: dict) -> Config:
     """Rebuild a resolved config saved with a run or checkpoint (no preset re-expansion)."""
-    cfg = from_dict(Config, d)
+    cfg = config_of(d)
     cfg.validate()
     return cfg

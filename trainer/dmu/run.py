@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.config import (Config, ConfigError, config_to_dict, deep_merge, derive_paired,
-                            from_dict, load_config, parse_overrides)
+                            config_of, load_config, parse_overrides)
 from trainer.config_cli import parse_config_args
 from trainer.distributed.launch import LaunchError, read_launch_env
 from trainer.distributed.logs import setup_logging
@@ -59,7 +59,7 @@ class Plan:
 def _with_overrides(cfg: Config, items: list[str], key: str) -> Config:
     try:
         given = parse_overrides(items)
-        out = from_dict(Config, deep_merge(config_to_dict(cfg), given))
+        out = config_of(deep_merge(config_to_dict(cfg), given))
         derive_paired(out, given)  # a stage's train.micro_batch_size carries data.batch_size
     except ConfigError as e:
         raise ConfigError(f"{key}: {e}") from None
