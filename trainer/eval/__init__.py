@@ -14,6 +14,8 @@ prompter). The result is one flat dict (train.py logs it as ``eval/<key>``):
   image_to_text_r{1,5,10}, text_to_image_r{1,5,10}   (+ ``_chance``: a random ranking's value)
   retrieval_images, retrieval_texts               distinct images / captions
   region_to_text_r{1,5,10}, text_to_region_r{1,5,10} (+ ``_chance``), regions, region_texts
+  grounding_acc50, grounding_miou, grounding_regions   (model.prompter.grounding: the box each
+                                                  region caption locates, IoU >= 0.5 a hit)
 
 Importing this package is cheap; torch and megatron load when a function runs.
 """
@@ -55,7 +57,7 @@ def compute_metrics(emb, cfg, encode_text: Callable | None = None, tokenizer=Non
     last-stage rank alike (text experts exchange tokens)."""
     import torch
 
-    from trainer.eval.regions import region_retrieval
+    from trainer.eval.regions import grounding_accuracy, region_retrieval
     from trainer.eval.retrieval import image_text_retrieval
     from trainer.eval.zeroshot import class_names, classifier, zero_shot_topk
 
@@ -73,6 +75,8 @@ def compute_metrics(emb, cfg, encode_text: Callable | None = None, tokenizer=Non
         out.update(image_text_retrieval(emb.image, emb.text, emb.image_ids, emb.text_ids))
     if "regions" in tasks and emb.region is not None and emb.region.shape[0]:
         out.update(region_retrieval(emb.region, emb.region_text, emb.region_text_ids))
+    if "regions" in tasks and emb.region_box_pred is not None and emb.region_box_pred.shape[0]:
+        out.update(grounding_accuracy(emb.region_box_pred, emb.region_box))
     return out
 
 
@@ -112,4 +116,6 @@ def format_metrics(m: dict) -> str:
         if ks:
             parts.append(f"{label} R@{'/'.join(map(str, ks))} "
                          + "/".join(f"{m[f'{name}_r{k}']:.3f}" for k in ks))
+    if "grounding_acc50" in m:
+        parts.append(f"grounding acc@0.5 {m['grounding_acc50']:.3f}")
     return " | ".join(parts) + f" ({m.get('eval_images', 0)} samples)"
