@@ -173,13 +173,11 @@ class TrainConfig:
     num_microbatches: int = 1   # gradient accumulation / pipeline microbatches
     loss: str = "clip"          # clip (softmax InfoNCE) | siglip (sigmoid); global batch
     region_loss_weight: float = 0.0  # CLOC region-text loss (needs model.prompter.layers > 0)
-    # Region captions with the same token ids (anywhere in the global batch) are not each
-    # other's negatives in the region-text loss (CLOC Sec. 3.4 filters near-duplicates).
-    region_dedupe_captions: bool = True
-    grounding_loss_weight: float = 0.0  # CLOC grounding loss: boxes from region captions (needs model.prompter.grounding)
-    grounding_l1_weight: float = 5.0    # per-region L1 over the 4 normalised xyxy coords (DETR's 5)
-    grounding_giou_weight: float = 2.0  # per-region 1 - GIoU (DETR's 2)
-    grounding_l2_weight: float = 0.0    # per-region mean squared error over the 4 coords (CLOC Eq. 3)
+    region_dedupe_captions: bool = True  # equal region captions are not each other's negatives
+    grounding_loss_weight: float = 0.0  # CLOC grounding loss (needs model.prompter.grounding)
+    grounding_l1_weight: float = 5.0    # per region: L1 over the 4 normalised xyxy (DETR: 5)
+    grounding_giou_weight: float = 2.0  # per region: 1 - GIoU (DETR: 2)
+    grounding_l2_weight: float = 0.0    # per region: squared error, mean of 4 (CLOC Eq. 3)
     # Negatives from the micro-batches of every data-parallel rank (features gathered, CLIP's
     # global batch); false: each rank's micro-batch alone.
     global_contrastive: bool = True

@@ -185,8 +185,8 @@ def test_text_and_box_prompts_both_train_the_shared_prompter():
 
 def test_grounding_fits_a_fixed_batch():
     """The text-prompt path is trainable end to end: 8 images x 2 captions with fixed target
-    boxes (sides 0.2-0.4), 200 Adam steps of L1 + GIoU bring the loss under 10% of its start and every box to
-    IoU >= 0.5 (measured: 2.8% of the start, min IoU 0.89, ~2 s)."""
+    boxes (sides 0.2-0.4), 200 Adam steps of L1 + GIoU bring the loss under 10% of its start
+    and every box to IoU >= 0.5 (measured: 2.8% of the start, min IoU 0.89, ~2 s)."""
     from trainer.losses import box_iou_giou, grounding_loss
     start = time.perf_counter()
     g = torch.Generator().manual_seed(4)

@@ -2,9 +2,10 @@
 Pre-Training", arXiv 2410.02746, Eq. 3): the prompter, prompted with a region caption's text
 embedding, regresses that region's box (trainer/models/prompter.py ``RegionPrompter.ground``).
 
-Per valid region, with predicted and target boxes xyxy as fractions of the image:
+Per valid region (p predicted, t target, xyxy as fractions of the image; l1, giou, l2 the
+weights ``l1_weight``, ``giou_weight``, ``l2_weight``):
 
-    l1_weight * sum_k |p_k - t_k|  +  giou_weight * (1 - GIoU(p, t))  +  l2_weight * mean_k (p_k - t_k)^2
+    l1 * sum_k |p_k - t_k|  +  giou * (1 - GIoU(p, t))  +  l2 * mean_k (p_k - t_k)^2
 
 then a proper global mean over the ``N`` valid regions of the data-parallel group, returned
 as this rank's share (``sum_r * world / N``, the convention of trainer/losses/region.py: the
