@@ -106,11 +106,14 @@ class PrompterConfig:
     layers: int = 0        # 0: no prompter (no region loss possible)
     heads: int = 4         # attention heads of the prompter's blocks
     mlp_ratio: float = 4.0  # prompter MLP hidden size = vision width * mlp_ratio
+    grounding: bool = False  # text prompts + a box head: CLOC's grounding task (train.grounding_*)
 
     def validate(self, key: str) -> None:
         if self.layers < 0:
             raise ConfigError(f"{key}.layers={self.layers} must be >= 0")
         _positive(self, key, "heads")
+        if self.grounding and not self.layers:
+            raise ConfigError(f"{key}.grounding=true needs {key}.layers > 0")
 
 
 ATTENTIONS = ("sdpa", "unfused")  # model.attention (trainer/models/layer_spec.py)
@@ -208,6 +211,11 @@ class TrainConfig:
     num_microbatches: int = 1   # gradient accumulation / pipeline microbatches
     loss: str = "clip"          # clip (softmax InfoNCE) | siglip (sigmoid); global batch
     region_loss_weight: float = 0.0  # CLOC region-text loss (needs model.prompter.layers > 0)
+    region_dedupe_captions: bool = True  # equal region captions are not each other's negatives
+    grounding_loss_weight: float = 0.0  # CLOC grounding loss (needs model.prompter.grounding)
+    grounding_l1_weight: float = 5.0    # per region: L1 over the 4 normalised xyxy (DETR: 5)
+    grounding_giou_weight: float = 2.0  # per region: 1 - GIoU (DETR: 2)
+    grounding_l2_weight: float = 0.0    # per region: squared error, mean of 4 (CLOC Eq. 3)
     # Negatives from the micro-batches of every data-parallel rank (features gathered, CLIP's
     # global batch); false: each rank's micro-batch alone.
     global_contrastive: bool = True
@@ -255,7 +263,9 @@ class TrainConfig:
         for name in ("lr", "eps", "max_logit_scale", "lr_mult_experts", "lr_mult_routers"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{key}.{name}={getattr(self, name)} must be > 0")
-        for name in ("weight_decay", "grad_clip", "warmup_steps", "region_loss_weight"):
+        for name in ("weight_decay", "grad_clip", "warmup_steps", "region_loss_weight",
+                     "grounding_loss_weight", "grounding_l1_weight", "grounding_giou_weight",
+                     "grounding_l2_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{key}.{name}={getattr(self, name)} must be >= 0")
         for name in ("beta1", "beta2"):
@@ -436,6 +446,19 @@ class Config:
         if t.region_loss_weight > 0 and self.data.train_urls and self.data.max_regions == 0:
             raise ConfigError(f"train.region_loss_weight={t.region_loss_weight} needs "
                               "data.max_regions > 0")
+        if t.grounding_loss_weight > 0:
+            p = self.model.prompter
+            if p.layers == 0 or not p.grounding:
+                raise ConfigError(f"train.grounding_loss_weight={t.grounding_loss_weight} needs "
+                                  f"model.prompter.layers > 0 (is {p.layers}) and "
+                                  f"model.prompter.grounding=true (is {str(p.grounding).lower()})")
+            if self.data.train_urls and self.data.max_regions == 0:
+                raise ConfigError(f"train.grounding_loss_weight={t.grounding_loss_weight} needs "
+                                  "data.max_regions > 0")
+            if not (t.grounding_l1_weight or t.grounding_giou_weight or t.grounding_l2_weight):
+                raise ConfigError(f"train.grounding_loss_weight={t.grounding_loss_weight} but "
+                                  "train.grounding_l1_weight, grounding_giou_weight and "
+                                  "grounding_l2_weight are all 0")
         if self.data.train_urls and self.data.batch_size != t.micro_batch_size:
             raise ConfigError(f"data.batch_size={self.data.batch_size} != "
                               f"train.micro_batch_size={t.micro_batch_size}: one loader batch "

@@ -251,6 +251,13 @@ class UpCLIPModel(nn.Module):
             raise HubError("this model has no region prompter (model.prompter.layers = 0)")
         return self.prompter(self.visual.tokens(images), boxes)
 
+    def locate_regions(self, images: torch.Tensor, region_text: torch.Tensor) -> torch.Tensor:
+        """CLOC grounding: ``region_text [b, R, e]`` (region caption embeddings, L2-normalised)
+        -> ``[b, R, 4]`` the boxes they locate, xyxy as fractions of the image."""
+        if not getattr(getattr(self, "prompter", None), "grounding", False):
+            raise HubError("this model has no grounding head (model.prompter.grounding = false)")
+        return self.prompter.ground(self.visual.tokens(images), region_text)
+
     def forward(self, images: torch.Tensor | None, text: torch.Tensor | None) -> dict:
         out = {"logit_scale": self.logit_scale.exp()}
         if hasattr(self, "logit_bias"):

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from trainer.config import Config, TrainConfig
 from trainer.distributed.collectives import max_over_expert_group
 from trainer.distributed.grads import unwrap
-from trainer.losses import clip_loss, region_text_loss, siglip_loss
+from trainer.losses import clip_loss, grounding_loss, region_text_loss, siglip_loss
 
 
 # ------------------------------------------------------------------------------ forward
@@ -41,8 +41,9 @@ def contrastive_group(cfg: TrainConfig):
 
 def compute_loss(out: dict, batch: dict, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
     """The training objective from the model's outputs: the contrastive (CLIP or SigLIP) loss
-    plus ``region_loss_weight`` x the CLOC region-text loss. Router aux losses ride on the MoE
-    layer outputs (trainer/moe/layer.py), not here."""
+    plus ``region_loss_weight`` x the CLOC region-text loss plus ``grounding_loss_weight`` x
+    the CLOC grounding loss (CLOC's Eq. 4 has one lambda for both: set the two weights equal
+    to follow it). Router aux losses ride on the MoE layer outputs (trainer/moe/layer.py)."""
     group = contrastive_group(cfg)
     img, txt, scale = out["image_features"].float(), out["text_features"].float(), out["logit_scale"]
     if cfg.loss == "siglip":
@@ -53,9 +54,17 @@ def compute_loss(out: dict, batch: dict, cfg: TrainConfig) -> tuple[torch.Tensor
     if "region_features" in out:
         region = region_text_loss(out["region_features"].float(),
                                   out["region_text_features"].float(),
-                                  batch["region_mask"], scale, group=group)
+                                  batch["region_mask"], scale, group=group,
+                                  region_text_ids=(batch["region_text"]
+                                                   if cfg.region_dedupe_captions else None))
         metrics["region_loss"] = region.detach().clone()
         loss = loss + cfg.region_loss_weight * region
+    if "region_box_pred" in out:
+        ground = grounding_loss(out["region_box_pred"], batch["region_boxes"],
+                                batch["region_mask"], cfg.grounding_l1_weight,
+                                cfg.grounding_giou_weight, cfg.grounding_l2_weight, group=group)
+        metrics["grounding_loss"] = ground.detach().clone()
+        loss = loss + cfg.grounding_loss_weight * ground
     # a copy: the schedule divides the returned loss by num_microbatches in place
     metrics["loss"] = loss.detach().clone()
     return loss, metrics
@@ -69,24 +78,27 @@ def route_labels(model: torch.nn.Module, labels: torch.Tensor | None) -> None:
             m.class_labels = labels
 
 
-def region_inputs(batch: dict) -> dict:
+def region_inputs(batch: dict, ground: bool = False) -> dict:
     """The model's region arguments for a batch with regions: boxes, captions, the mask of
     the present regions, and how many region-caption rows the text tower runs (packed: the
     present regions only, padded to the largest count of the expert-parallel group, whose
-    all-to-alls need equal shapes). One host read of the count per microbatch."""
+    all-to-alls need equal shapes); ``ground``: also the boxes the region captions locate
+    (CLOC's grounding task). One host read of the count per microbatch."""
     mask = batch["region_mask"]
     return {"region_boxes": batch["region_boxes"], "region_text": batch["region_text"],
-            "region_mask": mask, "region_rows": max_over_expert_group(int(mask.sum()))}
+            "region_mask": mask, "region_rows": max_over_expert_group(int(mask.sum())),
+            "ground": ground}
 
 
 def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module, cfg: TrainConfig):
     batch = next(data_iterator)
     route_labels(model, batch.get("labels"))
-    regions = cfg.region_loss_weight > 0 and "region_boxes" in batch
+    ground = cfg.grounding_loss_weight > 0
+    regions = (cfg.region_loss_weight > 0 or ground) and "region_boxes" in batch
     # no autocast: the parameters' dtype (train.precision, trainer/distributed/device.py)
     # is the compute dtype, as in megatron; the losses run in fp32
     output = model(batch.get("images"), batch.get("text"),
-                   **(region_inputs(batch) if regions else {}))
+                   **(region_inputs(batch, ground) if regions else {}))
     return output, functools.partial(compute_loss, batch=batch, cfg=cfg)
 
 
@@ -99,7 +111,7 @@ def forward_backward(model: torch.nn.Module, microbatches: list[dict], cfg: Conf
     """Runs every microbatch forward (and backward); the schedule divides each microbatch
     loss by their number (``contrastive_scope: step``: one loss over the step,
     trainer/step_cache.py). Returns the metrics averaged over microbatches on the last stage
-    (``loss``, ``contrastive_loss``, ``region_loss``), None elsewhere."""
+    (``loss``, ``contrastive_loss``, ``region_loss``, ``grounding_loss``), None elsewhere."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 

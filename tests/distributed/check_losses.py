@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from trainer.losses import (all_gather_with_grad, clip_loss, region_text_loss,  # noqa: E402
-                            siglip_loss)
+from trainer.losses import (all_gather_with_grad, clip_loss, grounding_loss,  # noqa: E402
+                            region_text_loss, siglip_loss)
 
 D_IN, EMBED, B, R = 6, 5, 4, 3
 DT = torch.float64
@@ -44,7 +44,8 @@ def parameters(params: dict) -> list[torch.Tensor]:
 
 def compare(name: str, loss_fn, raw: dict, extra=None) -> dict:
     """``raw``: tower name -> global input ``[world*B, ...]``; ``loss_fn(features, params,
-    extra, group)`` with ``extra`` (e.g. the region mask) sliced like the inputs."""
+    extra, group)`` with ``extra`` (e.g. the region mask, or a dict of such tensors) sliced
+    like the inputs."""
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = slice(rank * B, (rank + 1) * B)
 
@@ -53,7 +54,9 @@ def compare(name: str, loss_fn, raw: dict, extra=None) -> dict:
         feats = {n: F.normalize(params[n](take(x)), dim=-1) for n, x in raw.items()}
         for f in feats.values():
             f.retain_grad()
-        loss = loss_fn(feats, params, None if extra is None else take(extra), group)
+        part = (None if extra is None else take(extra) if torch.is_tensor(extra)
+                else {k: take(v) for k, v in extra.items()})
+        loss = loss_fn(feats, params, part, group)
         loss.backward()
         for p in parameters(params):   # e.g. the bias, unused by clip_loss
             if p.grad is None:
@@ -113,6 +116,28 @@ def main(out_dir: Path) -> None:
     for name, counts in cases.items():
         counts = (counts + [3] * world)[:world]
         result.update(compare(name, region, regions, region_masks(counts, g)))
+
+    # repeated region captions, across ranks too: not each other's negatives (ids gathered)
+    ids = torch.randint(0, 3, (world * B, R, 2), generator=g)   # 9 captions for 24 slots
+    def region_dedupe(f, p, x, grp):
+        return region_text_loss(f["region"], f["region_text"], x["mask"],
+                                p["logit_scale"].exp(), group=grp, region_text_ids=x["ids"])
+    mask = region_masks(([7, 4] + [3] * world)[:world], g)
+    result.update(compare("region_dedupe", region_dedupe, regions, {"mask": mask, "ids": ids}))
+    result["region_dedupe_plain_loss"] = compare("plain", region, regions, mask)["plain_loss"]
+
+    # CLOC's grounding loss: boxes from a "tower", a global mean over uneven valid counts
+    lo = 0.6 * torch.rand(world * B, R, 2, generator=g, dtype=DT)
+    target = torch.cat([lo, lo + 0.1 + 0.3 * torch.rand(world * B, R, 2, generator=g,
+                                                          dtype=DT)], -1)
+
+    def grounding(f, p, x, grp):
+        c = torch.sigmoid(f["box"][..., :4])                      # cx, cy, w, h
+        pred = torch.cat([c[..., :2] - c[..., 2:] / 2, c[..., :2] + c[..., 2:] / 2], -1)
+        return grounding_loss(pred, x["target"], x["mask"], 5.0, 2.0, 1.0, group=grp)
+    result.update(compare("grounding", grounding, {"box": regions["region"]},
+                          {"mask": region_masks(([9, 2] + [3] * world)[:world], g),
+                           "target": target}))
 
     # the gather alone: rank r's loss sum(gathered * c_r) gives rank s the grad sum_r c_r[s]
     coeffs = torch.randn(world, world * B, EMBED, generator=g, dtype=DT)

@@ -119,3 +119,23 @@ def test_unquoted_list_override_error_shows_quoting(text, example):
         load_config(overrides=[f"eval.templates={text}"])
     assert str(e.value) == (f"eval.templates expects a list of strings; quote items: "
                             f"'eval.templates={example}'")
+
+
+def test_cloc_grounding_errors_name_the_fields():
+    with pytest.raises(ConfigError, match=r"train.grounding_loss_weight=0.5 needs "
+                                          r"model.prompter.layers > 0 \(is 1\) and "
+                                          r"model.prompter.grounding=true \(is false\)"):
+        load_config(None, ["model.prompter.layers=1", "train.grounding_loss_weight=0.5"])
+    with pytest.raises(ConfigError, match="model.prompter.grounding=true needs "
+                                          "model.prompter.layers > 0"):
+        load_config(None, ["model.prompter.grounding=true"])
+    with pytest.raises(ConfigError, match="grounding_giou_weight and grounding_l2_weight are "
+                                          "all 0"):
+        load_config(None, ["model.prompter.layers=1", "model.prompter.grounding=true",
+                           "train.grounding_loss_weight=1", "train.grounding_l1_weight=0",
+                           "train.grounding_giou_weight=0"])
+    with pytest.raises(ConfigError, match="train.grounding_giou_weight=-1.0 must be >= 0"):
+        load_config(None, ["train.grounding_giou_weight=-1"])
+    cfg = load_config(None, ["model.prompter.layers=1", "model.prompter.grounding=true",
+                             "train.grounding_loss_weight=1"])
+    assert cfg.train.region_dedupe_captions is True and cfg.train.grounding_l1_weight == 5.0

@@ -8,12 +8,14 @@
   math.comb (1e-12);
 - random sets with repeated images (several captions per image) and shared captions equal a
   plain-Python implementation of the documented definition (exact counts, float64);
-- region retrieval and zero-shot top-k equal hand computations;
+- region retrieval, grounding accuracy (IoU >= 0.5, the boundary case included) and zero-shot
+  top-k equal hand computations;
 - CSV eval sets: several rows of one image become one gallery image; missing file / column
   give one EvalSetError line naming the setting;
 - the collective pass through megatron's schedule (evaluate) equals the single-process path
-  (embed_plain + compute_metrics) on real Fashion-MNIST shards with CLOC regions, for the tiny
-  CLIP at world 1 (embeddings to 1e-5, metrics exactly);
+  (embed_plain + compute_metrics) on real Fashion-MNIST shards with CLOC regions and the
+  grounding head, for the tiny CLIP at world 1 (embeddings and located boxes to 1e-5, metrics
+  exactly);
 - tools/evaluate.py: bad input ends with exit 2 and one ``error:`` line.
 """
 import math
@@ -185,6 +187,24 @@ def test_region_retrieval_by_hand():
     assert m["region_to_text_r1"] == pytest.approx(1 / 3)
 
 
+def test_grounding_accuracy_by_hand():
+    """Boxes as fractions: p0 = t0 (IoU 1, hit); p1 is t1's left half (IoU 0.5 exactly: a hit,
+    the threshold is >=); p2 overlaps t2 by 1/3 of the union (IoU 1/3: miss); p3 is disjoint
+    from t3 (IoU 0: miss). 2 hits of 4; mean IoU (1 + .5 + 1/3 + 0) / 4."""
+    from trainer.eval.regions import grounding_accuracy
+
+    target = torch.tensor([[0.1, 0.1, 0.5, 0.5], [0.0, 0.0, 0.5, 0.5],
+                           [0.0, 0.0, 0.5, 0.5], [0.0, 0.0, 0.2, 0.2]])
+    pred = torch.tensor([[0.1, 0.1, 0.5, 0.5], [0.0, 0.0, 0.25, 0.5],
+                         [0.25, 0.0, 0.75, 0.5], [0.5, 0.5, 0.9, 0.9]])
+    m = grounding_accuracy(pred, target)
+    assert m["grounding_acc50"] == 0.5 and m["grounding_regions"] == 4
+    assert m["grounding_miou"] == pytest.approx((1 + 0.5 + 1 / 3 + 0) / 4, abs=1e-12)
+    assert grounding_accuracy(pred, target, threshold=0.3)["grounding_acc50"] == 0.75
+    with pytest.raises(ValueError, match=r"\[M, 4\]"):
+        grounding_accuracy(pred[:, :3], target[:, :3])
+
+
 def test_zero_shot_topk_by_hand():
     from trainer.eval.zeroshot import zero_shot_topk
 
@@ -298,6 +318,10 @@ class _PlainCLIP:
     def encode_regions(self, images, boxes):
         return self.model.prompter(self.model.visual(images, return_tokens=True)[1], boxes)
 
+    def locate_regions(self, images, region_text):
+        return self.model.prompter.ground(self.model.visual(images, return_tokens=True)[1],
+                                          region_text)
+
 
 def test_schedule_pass_equals_plain_pass_with_regions(dist1, tmp_path):
     from trainer.data import build_tokenizer, sources
@@ -312,7 +336,7 @@ def test_schedule_pass_equals_plain_pass_with_regions(dist1, tmp_path):
     cfg = cfg_of("model.text.vocab_size=49408", f"data.eval_urls={tmp_path}",
                  "data.batch_size=16", "data.image_size=32", "data.workers=0",
                  "data.max_regions=2", "model.prompter.layers=1",
-                 "data.tokenizer.context_length=16")
+                 "model.prompter.grounding=true", "data.tokenizer.context_length=16")
     tok = build_tokenizer(cfg.data.tokenizer)
     torch.manual_seed(0)
     model = build_for_training(cfg, dist1)
@@ -322,11 +346,14 @@ def test_schedule_pass_equals_plain_pass_with_regions(dist1, tmp_path):
     assert model.training  # mode restored
     model.eval()
     with torch.no_grad():
-        plain = embed_plain(_PlainCLIP(model), eval_batches(cfg, 0, 1, tok), regions=True)
+        plain = embed_plain(_PlainCLIP(model), eval_batches(cfg, 0, 1, tok), regions=True,
+                            ground=True)
         want = compute_metrics(plain, cfg, model.encode_text, tok)
         emb = embed_distributed(ddp, cfg, dist1, tok, regions=True)
-    for field in ("image", "text", "region", "region_text"):
+    for field in ("image", "text", "region", "region_text", "region_box_pred"):
         assert torch.allclose(getattr(emb, field), getattr(plain, field), atol=1e-5), field
+    assert torch.equal(emb.region_box, plain.region_box) and emb.region_box.shape == (40, 4)
+    assert got["grounding_regions"] == 40 and 0 <= got["grounding_acc50"] <= 1
     for field in ("image_ids", "text_ids", "labels", "captioned", "region_text_ids"):
         assert torch.equal(getattr(emb, field), getattr(plain, field)), field
     assert got == want

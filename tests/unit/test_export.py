@@ -13,8 +13,8 @@ context) and every weight perturbed, imported through the CLI. Tolerances:
   source <= 1e-5 (measured 9.5e-7); merged weights equal the experts' mean to 1e-7 (float64
   mean rounded to float32);
 - plain MoE model vs UpCLIP's MoE model at tp=1 with random experts (token top-2 with
-  dropped routes, top-1 dropless with the CLOC prompter's region embeddings, image-level
-  routing with drops): <= 1e-5 (measured 1.6e-7 .. 7.2e-7); turning the drops off moves the
+  dropped routes, top-1 dropless with the CLOC prompter's region embeddings and located
+  boxes, image-level routing with drops): <= 1e-5 (measured 1.6e-7 .. 7.2e-7); turning the drops off moves the
   plain model's embeddings by > 1e-4 (measured 2e-3 and 5e-2), so capacity is really tested.
 """
 import json
@@ -210,7 +210,8 @@ def test_plain_model_routes_like_upclip(case, dist1):
             moe.pop("routing", None)
         over += [f"model.{tower}.moe.{k}={v}" for k, v in moe.items()]
     if case == "token_top1_dropless":  # with CLOC's prompter and SigLIP's logit bias
-        over += ["model.prompter.layers=1", "model.logit_bias_init=-10.0"]
+        over += ["model.prompter.layers=1", "model.prompter.grounding=true",
+                 "model.logit_bias_init=-10.0"]
     cfg = load_config(None, over)
     torch.manual_seed(1)
     model = build_for_training(cfg, dist1).eval()
@@ -224,9 +225,11 @@ def test_plain_model_routes_like_upclip(case, dist1):
         assert diff(got, ref) <= TOL
         if cfg.model.prompter.layers:
             boxes = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.2, 0.3, 1.0, 0.9]]).expand(4, 2, 4)
-            out = model(images, text, boxes, text[:, None].expand(4, 2, -1))
+            out = model(images, text, boxes, text[:, None].expand(4, 2, -1), ground=True)
             mine = torch.nn.functional.normalize(plain.encode_regions(images, boxes), dim=-1)
             assert diff((mine,), (out["region_features"],)) <= TOL
+            located = plain.locate_regions(images, out["region_text_features"])
+            assert diff((located,), (out["region_box_pred"],)) <= TOL
             assert torch.equal(plain(images, text)["logit_bias"], out["logit_bias"])
         if "drops" in case or "image" in case:  # the capacity mattered
             stats = [m.pop_stats() for m in model.modules() if hasattr(m, "pop_stats")]

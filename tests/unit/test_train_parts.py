@@ -241,3 +241,60 @@ def test_region_captions_are_packed(dist1, moe):
     assert packed[1].keys() == unpacked[1].keys()
     for n, grad in packed[1].items():
         assert torch.allclose(grad, unpacked[1][n], atol=1e-6, rtol=1e-5), n
+
+
+def test_training_step_with_grounding_loss(dist1):
+    """CLOC's grounding loss through the training step (megatron's schedule, one process):
+    the step's metrics carry ``grounding_loss``, equal to the loss recomputed from a plain
+    forward of the same model (fp32, 1e-6), and ``loss = contrastive + 0.5 region + 0.25
+    grounding`` (1e-6); the text-prompt layers get gradient only when the weight is on; a few
+    optimizer steps on one batch lower the grounding loss below 80% (measured 3.76 -> 1.91)."""
+    from trainer import optim as O, step as S
+    from trainer.distributed import grads as G
+    from trainer.losses import grounding_loss
+    from trainer.models.build import build_for_training
+
+    cfg = cfg_of("model.prompter.layers=1", "model.prompter.grounding=true",
+                 "train.region_loss_weight=0.5", "train.grounding_loss_weight=0.25",
+                 "train.micro_batch_size=4", "train.lr=3e-3", "train.warmup_steps=0",
+                 "train.lr_schedule=constant")
+    torch.manual_seed(0)
+    model = build_for_training(cfg, dist1)
+    ddp = G.wrap_ddp(model)
+    opt = O.build_optimizer(model, cfg.train)
+    images, text = peers.sample_inputs(n=4)
+    g = torch.Generator().manual_seed(2)
+    lo = 0.5 * torch.rand(4, 2, 2, generator=g)
+    batch = {"images": images, "text": text, "size": 4,
+             "region_boxes": torch.cat([lo, lo + 0.2 + 0.3 * torch.rand(4, 2, 2, generator=g)], -1),
+             "region_text": text[torch.tensor([[1, 2], [0, 3], [2, 1], [3, 0]])],
+             "region_mask": torch.tensor([[True, True], [True, False], [True, True],
+                                          [False, False]])}
+    head = [p for n, p in model.named_parameters()
+            if n.startswith(("prompter.text_encoder.", "prompter.box_head."))]
+    assert len(head) == 6
+
+    with torch.no_grad():
+        out = model(images, text, **S.region_inputs(batch, ground=True))
+    direct = float(grounding_loss(out["region_box_pred"], batch["region_boxes"],
+                                  batch["region_mask"], 5.0, 2.0, 0.0))
+    m = S.forward_backward(ddp, [batch], cfg)
+    G.finalize_grads(ddp, dist1)
+    assert abs(m["grounding_loss"] - direct) <= 1e-6, (m, direct)
+    total = m["contrastive_loss"] + 0.5 * m["region_loss"] + 0.25 * m["grounding_loss"]
+    assert abs(m["loss"] - total) <= 1e-6, m
+    assert all(p.main_grad.abs().max() > 0 for p in head)
+    history = [m["grounding_loss"]]
+    for _ in range(10):
+        opt.step()
+        G.zero_grads(ddp, opt)
+        history.append(S.forward_backward(ddp, [batch], cfg)["grounding_loss"])
+        G.finalize_grads(ddp, dist1)
+    print(f"grounding loss over 10 steps: {' '.join(f'{h:.3f}' for h in history)}")
+    assert history[-1] < 0.8 * history[0]
+    G.zero_grads(ddp, opt)
+
+    cfg.train.grounding_loss_weight = 0.0                 # off: no box, no gradient there
+    m = S.forward_backward(ddp, [batch], cfg)
+    assert "grounding_loss" not in m and all(not p.main_grad.any() for p in head)
+    G.zero_grads(ddp, opt)

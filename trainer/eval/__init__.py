@@ -15,11 +15,13 @@ prompter). The result is one flat dict (train.py logs it as ``eval/<key>``):
   image_to_text_r{1,5,10}, text_to_image_r{1,5,10}   (+ ``_chance``: a random ranking's value)
   retrieval_images, retrieval_texts               distinct images / captions
   region_to_text_r{1,5,10}, text_to_region_r{1,5,10} (+ ``_chance``), regions, region_texts
+  grounding_acc50, grounding_miou, grounding_regions   (model.prompter.grounding: the box each
+                                                  region caption locates, IoU >= 0.5 a hit)
   acc1, acc5, mean_per_class_recall, image_retrieval_recall@K, text_retrieval_recall@K:
       the same numbers under clip_benchmark's names (``with_clip_benchmark_names``)
 
-Several eval sets per run (``eval.sets``): ``trainer.eval.sets.evaluate_sets`` runs
-``evaluate`` once per set and keys the results by set name.
+Several eval sets per run (``eval.sets``): ``trainer.eval.sets.run_sets`` runs
+``evaluate`` once per set and reports each under its name.
 
 Importing this package is cheap; torch and megatron load when a function runs.
 """
@@ -63,7 +65,7 @@ def compute_metrics(emb, cfg, encode_text: Callable | None = None, tokenizer=Non
     import torch
 
     from trainer.eval.names import class_names, templates
-    from trainer.eval.regions import region_retrieval
+    from trainer.eval.regions import grounding_accuracy, region_retrieval
     from trainer.eval.retrieval import image_text_retrieval
     from trainer.eval.zeroshot import classifier, zero_shot_topk
 
@@ -85,6 +87,8 @@ def compute_metrics(emb, cfg, encode_text: Callable | None = None, tokenizer=Non
                                         emb.text_ids.to(keep.device)[keep]))
     if "regions" in tasks and emb.region is not None and emb.region.shape[0]:
         out.update(region_retrieval(emb.region, emb.region_text, emb.region_text_ids))
+    if "regions" in tasks and emb.region_box_pred is not None and emb.region_box_pred.shape[0]:
+        out.update(grounding_accuracy(emb.region_box_pred, emb.region_box))
     return with_clip_benchmark_names(out)
 
 
@@ -148,4 +152,6 @@ def format_metrics(m: dict) -> str:
         if ks:
             parts.append(f"{label} R@{'/'.join(map(str, ks))} "
                          + "/".join(f"{m[f'{name}_r{k}']:.3f}" for k in ks))
+    if "grounding_acc50" in m:
+        parts.append(f"grounding acc@0.5 {m['grounding_acc50']:.3f}")
     return " | ".join(parts) + f" ({m.get('eval_images', 0)} samples)"

@@ -68,6 +68,8 @@ class Embeddings:
     region: torch.Tensor | None = None           # [M, e] present regions only
     region_text: torch.Tensor | None = None      # [M, e]
     region_text_ids: torch.Tensor | None = None  # [M] int64
+    region_box: torch.Tensor | None = None       # [M, 4] the regions' boxes, xyxy in [0, 1]
+    region_box_pred: torch.Tensor | None = None  # [M, 4] the boxes their captions locate (CLOC)
 
     @property
     def num_samples(self) -> int:
@@ -224,6 +226,7 @@ def batch_ids(batch: dict, regions: bool) -> dict[str, torch.Tensor]:
     if regions:
         mask = batch["region_mask"].cpu()
         out["region_text_ids"] = content_ids(batch["region_text"].cpu()[mask])
+        out["region_box"] = batch["region_boxes"].cpu().float()[mask]           # [M, 4]
     return out
 
 
@@ -237,19 +240,20 @@ def _padded(batch: dict | None, size: int, template: dict[str, torch.Tensor]) ->
     return out
 
 
-def _forward_step(data_iterator, model, text: bool, regions: bool, train_cfg):
+def _forward_step(data_iterator, model, text: bool, regions: bool, train_cfg,
+                  ground: bool = False):
     from trainer.distributed.device import eval_autocast
     from trainer.step import region_inputs
 
     batch = next(data_iterator)
     with eval_autocast(train_cfg.precision):
         out = model(batch["images"], batch["text"] if text else None,
-                    **(region_inputs(batch) if regions else {}))
+                    **(region_inputs(batch, ground) if regions else {}))
 
     def collect(output):
         if isinstance(output, dict):  # the last stage
             feats = {k: v.float() for k, v in output.items()
-                     if k.endswith("features")}
+                     if k.endswith("features") or k == "region_box_pred"}
             return output["image_features"].sum() * 0.0, feats
         return output.sum() * 0.0, {}
 
@@ -265,6 +269,8 @@ def _rows(out: dict, n: int, mask: torch.Tensor | None) -> dict[str, torch.Tenso
         m = mask[:n].to(out["region_features"].device)
         rows["region"] = out["region_features"][:n][m]                      # [M, e]
         rows["region_text"] = out["region_text_features"][:n][m]            # [M, e]
+        if "region_box_pred" in out:
+            rows["region_box_pred"] = out["region_box_pred"][:n][m]          # [M, 4]
     return rows
 
 
@@ -310,6 +316,7 @@ def embed_distributed(model: torch.nn.Module, cfg: Config, layout, tokenizer, *,
     size = cfg.data.eval_batch_size or cfg.data.batch_size
     v, L, R = cfg.model.vision, cfg.model.text.context_length, cfg.data.max_regions
     regions = regions and R > 0 and cfg.model.prompter.layers > 0
+    ground = regions and cfg.model.prompter.grounding
     text = text or regions
     template = {"images": torch.zeros(3, v.image_size, v.image_size),
                 "text": torch.zeros(L, dtype=torch.long)}
@@ -318,7 +325,8 @@ def embed_distributed(model: torch.nn.Module, cfg: Config, layout, tokenizer, *,
                                                                                 dtype=torch.long),
                         region_mask=torch.zeros(R, dtype=torch.bool))
     batches = eval_batches(cfg, layout.dp_rank, layout.dp, tokenizer)
-    step = functools.partial(_forward_step, text=text, regions=regions, train_cfg=cfg.train)
+    step = functools.partial(_forward_step, text=text, regions=regions, train_cfg=cfg.train,
+                             ground=ground)
     parts, count = [], 0
     with eval_mode(model):
         while True:
@@ -348,13 +356,14 @@ def embed_distributed(model: torch.nn.Module, cfg: Config, layout, tokenizer, *,
         raise EvalSetError(f"{describe_eval_set(cfg)}: no sample could be read on any rank")
     if not layout.is_last_stage:
         return None
-    rows = _local_rows(parts, device, cfg.model.embed_dim, text, regions)
+    rows = _local_rows(parts, device, cfg.model.embed_dim, text, regions, ground)
     if layout.dp > 1:
         rows = {k: _gather_rows(t, layout.dp_group()) for k, t in sorted(rows.items())}
     return _to_embeddings(rows)
 
 
-def _local_rows(parts: list[dict], device, dim: int, text: bool, regions: bool) -> dict:
+def _local_rows(parts: list[dict], device, dim: int, text: bool, regions: bool,
+                ground: bool = False) -> dict:
     """This rank's rows; empty tensors of the right shape when it had no sample."""
     empty = {"image": torch.zeros(0, dim), "image_ids": torch.zeros(0, dtype=torch.long),
              "labels": torch.zeros(0, dtype=torch.long),
@@ -363,18 +372,22 @@ def _local_rows(parts: list[dict], device, dim: int, text: bool, regions: bool) 
         empty.update(text=torch.zeros(0, dim), text_ids=torch.zeros(0, dtype=torch.long))
     if regions:
         empty.update(region=torch.zeros(0, dim), region_text=torch.zeros(0, dim),
-                     region_text_ids=torch.zeros(0, dtype=torch.long))
+                     region_text_ids=torch.zeros(0, dtype=torch.long),
+                     region_box=torch.zeros(0, 4))
+    if ground:
+        empty.update(region_box_pred=torch.zeros(0, 4))
     rows = _assemble(parts, device) if parts else {}
     return {k: rows.get(k, e.to(device)) for k, e in empty.items()}
 
 
 @torch.no_grad()
 def embed_plain(model, batches: Iterable[dict], device=None, *, text: bool = True,
-                regions: bool = False, mean=None, std=None) -> Embeddings:
+                regions: bool = False, mean=None, std=None, ground: bool = False) -> Embeddings:
     """One process, any model with ``encode_image(images [b, 3, S, S]) -> [b, e]`` and
     ``encode_text(tokens [b, L]) -> [b, e]`` (and, for ``regions``,
-    ``encode_regions(images, boxes [b, R, 4] xyxy in [0, 1]) -> [b, R, e]``): an exported
-    plain-PyTorch model, open_clip, or this repo's CLIP at world size 1."""
+    ``encode_regions(images, boxes [b, R, 4] xyxy in [0, 1]) -> [b, R, e]``; for ``ground``,
+    ``locate_regions(images, region_text [b, R, e] L2-normalised) -> [b, R, 4]``): an
+    exported plain-PyTorch model, open_clip, or this repo's CLIP at world size 1."""
     from trainer.data.config import CLIP_MEAN, CLIP_STD
     from trainer.data.normalize import normalize_on_device
 
@@ -394,6 +407,9 @@ def embed_plain(model, batches: Iterable[dict], device=None, *, text: bool = Tru
             t = model.encode_text(batch["region_text"].to(device).view(b * k, L)).float()
             rows["region"] = F.normalize(r, dim=-1)[mask]
             rows["region_text"] = F.normalize(t.view(b, k, -1), dim=-1)[mask]
+            if ground:
+                located = model.locate_regions(images, F.normalize(t.view(b, k, -1), dim=-1))
+                rows["region_box_pred"] = located.float()[mask]                  # [M, 4]
         ids = batch_ids(batch, regions)
         if not text:
             ids.pop("text_ids")

@@ -1,7 +1,10 @@
-"""CLOC region retrieval: region embeddings (the prompter's output for an image and a box)
-against region captions, over every region of the eval set, as a pure function.
+"""CLOC region evaluation, as pure functions over every region of the eval set: region
+retrieval (region embeddings, the prompter's output for an image and a box, against region
+captions) and grounding accuracy (the box the prompter returns for a region caption against
+the region's box).
 
     m = region_retrieval(region, region_text, region_text_ids)   # {"region_to_text_r1": ...}
+    m = grounding_accuracy(pred_boxes, boxes)                    # {"grounding_acc50": ...}
 
 Each present region is one query / gallery item (two boxes are two regions, even on one
 image). Region captions that tokenise alike are one caption, which then describes every region
@@ -14,6 +17,9 @@ from __future__ import annotations
 import torch
 
 from trainer.eval.retrieval import DEFAULT_KS, dedup, paired_retrieval
+from trainer.losses.grounding import box_iou_giou
+
+GROUNDING_IOU = 0.5  # a box is found at IoU >= 0.5: the grounding benchmarks' Acc@0.5
 
 
 def region_retrieval(region: torch.Tensor, region_text: torch.Tensor,
@@ -32,3 +38,18 @@ def region_retrieval(region: torch.Tensor, region_text: torch.Tensor,
                            ks)
     out.update(regions=int(region.shape[0]), region_texts=len(txt))
     return out
+
+
+def grounding_accuracy(pred: torch.Tensor, target: torch.Tensor,
+                       threshold: float = GROUNDING_IOU) -> dict[str, float]:
+    """``pred``/``target`` ``[M, 4]`` xyxy (the box each region caption located, the region's
+    own box). Returns ``grounding_acc50`` (the fraction with IoU >= ``threshold``; the key
+    names the default 0.5), ``grounding_miou`` (mean IoU) and ``grounding_regions`` (M)."""
+    if pred.shape != target.shape or pred.dim() != 2 or pred.shape[-1] != 4:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must both "
+                         "be [M, 4]")
+    iou, _ = box_iou_giou(pred.detach().double(), target.detach().double(), eps=0.0)
+    iou = torch.nan_to_num(iou, nan=0.0)  # two empty boxes: not a hit
+    m = max(int(iou.shape[0]), 1)
+    return {"grounding_acc50": float((iou >= threshold).sum()) / m,
+            "grounding_miou": float(iou.sum()) / m, "grounding_regions": int(iou.shape[0])}

@@ -83,6 +83,27 @@ class _AllGatherWithGrad(torch.autograd.Function):
         return _reduce_scatter_sum(grad, ctx.group), None
 
 
+def all_gather_no_grad(x: torch.Tensor, group=None) -> torch.Tensor:
+    """``x [b, ...]`` on every rank -> ``[world*b, ...]`` in group rank order, outside autograd
+    (any dtype: e.g. the region captions' token ids). Same shape rule as
+    ``all_gather_with_grad``; ``group=None`` or a group of one: identity."""
+    if group_size(group) == 1:
+        return x
+    if not x.is_cuda:
+        _check_equal_shapes(x, group)
+    return _gather(x.detach(), group)
+
+
+def sum_over_group(x: torch.Tensor, group=None) -> torch.Tensor:
+    """The sum of ``x`` over the ranks of ``group``, without gradient (e.g. a count of valid
+    rows that normalises a loss); ``group=None``: ``x`` itself."""
+    if group_size(group) == 1:
+        return x.detach()
+    total = x.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    return total
+
+
 def all_gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
     """``x [b, ...]`` on every rank of ``group`` -> ``[world*b, ...]``, rank ``r``'s rows at
     ``r*b:(r+1)*b`` (ranks in group order). Backward: rank ``s`` receives the SUM over ranks of

@@ -14,7 +14,8 @@ Tensor parallelism lives inside megatron's Column/RowParallelLinear layers; ever
 
 CLOC (``model.prompter.layers > 0``): the last stage also holds a region prompter that turns
 the vision tower's final tokens plus a box into a region embedding; region captions go through
-the text tower in the same pass as the captions.
+the text tower in the same pass as the captions. With ``model.prompter.grounding`` the
+prompter also takes each region caption's embedding as a prompt and returns a box.
 """
 from __future__ import annotations
 
@@ -168,7 +169,8 @@ class CLIP(MegatronModule):
     ``[s, b, d]`` on every stage but the last, and a dict there: ``image_features`` and
     ``text_features`` ``[b, e]`` (L2-normalised), ``logit_scale`` (exp'd), ``logit_bias``
     (SigLIP only) and, given regions, ``region_features`` / ``region_text_features``
-    ``[b, R, e]`` (L2-normalised).
+    ``[b, R, e]`` (L2-normalised), and with ``ground=True`` ``region_box_pred`` ``[b, R, 4]``
+    (the box each region caption locates, xyxy fractions of the image; float32).
     """
 
     def __init__(self, cfg: ModelConfig, parallel: ParallelConfig, pre_process: bool = True,
@@ -208,7 +210,8 @@ class CLIP(MegatronModule):
     def forward(self, images: torch.Tensor | None, text: torch.Tensor | None,
                 region_boxes: torch.Tensor | None = None,
                 region_text: torch.Tensor | None = None,
-                region_mask: torch.Tensor | None = None, region_rows: int | None = None):
+                region_mask: torch.Tensor | None = None, region_rows: int | None = None,
+                ground: bool = False):
         regions = region_boxes is not None and hasattr(self, "prompter")
         x = self.visual(images, return_tokens=regions)
         if not self.post_process:
@@ -232,4 +235,6 @@ class CLIP(MegatronModule):
             0, keep, t[b:b + keep.numel()])                                     # [b*R, e]
         out["region_text_features"] = region_t.view(b, r, -1)                   # [b, R, e]
         out["region_features"] = F.normalize(self.prompter(tokens, region_boxes), dim=-1)
+        if ground:  # CLOC's grounding task: each region caption, as a prompt, gives a box
+            out["region_box_pred"] = self.prompter.ground(tokens, out["region_text_features"])
         return out

@@ -1,15 +1,27 @@
 """CLOC's region prompter (Chen et al. 2024, "Contrastive Localized Language-Image
-Pre-Training"): a light transformer that turns the image encoder's tokens and a box prompt
-into a region embedding, trained against the region's caption (trainer/losses/region.py).
+Pre-Training", arXiv 2410.02746): a light transformer over the image encoder's tokens, prompted
+with a box (-> a region embedding, trained against the region's caption by
+trainer/losses/region.py) or with a region caption's text embedding (-> a box, trained by
+trainer/losses/grounding.py: the paper's grounding task).
 
-    box (x0, y0, x1, y1) -> Fourier features -> MLP            = prompt
-    patch tokens averaged by their cell's overlap with the box = RoI feature (class token if none)
-    query = prompt + RoI feature
+    box prompt:  box (x0, y0, x1, y1) -> Fourier features -> MLP            = prompt
+                 patch tokens averaged by their cell's overlap with the box = RoI feature
+                 query = prompt + RoI feature (the class token if the box covers no cell)
+    text prompt: query = Linear(region caption embedding)                  (grounding only)
     layers x [query += cross-attention(query -> all image tokens); query += MLP]   (pre-LN)
-    LayerNorm -> projection to embed_dim
+    LayerNorm -> box prompt: projection to embed_dim     (the region embedding)
+              -> text prompt: 2-layer GELU MLP -> 4      (the box, normalised xyxy)
 
-Queries attend only to image tokens, never to each other: a region's embedding depends on its
-own box and the image alone. Plain torch, replicated over tensor parallelism.
+From the paper (Sec. 3.2-3.3, Table A): one Prompter shared by both prompt kinds, box prompts
+as positional encodings of the two corners, text prompts "encoded by re-using the text
+encoder (w/ pooling & projection)", a single-layer transformer of the ViT's width, and a
+"2-layer MLP with GELUs" box head. Ours: queries cross-attend to the image tokens instead of
+being prepended to them (so a region's output depends on its own prompt and the image alone,
+and R prompts cost R queries, not R full encoder passes), the RoI feature added to the box
+prompt, the text embedding taken L2-normalised (as the contrastive loss sees it) through a
+linear map to the width, and the box head's output read as sigmoid (cx, cy, w, h), DETR's
+parametrisation (Carion et al. 2020), then converted to xyxy. Plain torch, replicated over
+tensor parallelism.
 """
 from __future__ import annotations
 
@@ -82,10 +94,10 @@ class CrossAttention(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, width: int, hidden: int):
+    def __init__(self, width: int, hidden: int, out: int | None = None):
         super().__init__()
         self.fc1 = nn.Linear(width, hidden)
-        self.fc2 = nn.Linear(hidden, width)
+        self.fc2 = nn.Linear(hidden, out or width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
@@ -107,9 +119,15 @@ class PrompterBlock(nn.Module):
         return queries + self.mlp(self.ln_mlp(queries))
 
 
+def cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
+    """``[..., 4]`` (centre x, centre y, width, height) -> (x0, y0, x1, y1)."""
+    c, size = boxes[..., :2], boxes[..., 2:]
+    return torch.cat([c - 0.5 * size, c + 0.5 * size], dim=-1)
+
+
 class RegionPrompter(nn.Module):
     def __init__(self, width: int, embed_dim: int, grid: int, heads: int, layers: int = 1,
-                 mlp_ratio: float = 4.0, ln_eps: float = 1e-5):
+                 mlp_ratio: float = 4.0, ln_eps: float = 1e-5, grounding: bool = False):
         super().__init__()
         self.grid = grid
         self.box_encoder = BoxEncoder(width)
@@ -118,13 +136,27 @@ class RegionPrompter(nn.Module):
         self.ln_final = nn.LayerNorm(width, eps=ln_eps)
         self.proj = nn.Linear(width, embed_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=width ** -0.5)  # CLIP's projection init
+        if grounding:  # text prompts and the box head (created last: box-only RNG use unchanged)
+            self.text_encoder = nn.Linear(embed_dim, width)
+            self.box_head = Mlp(width, width, out=4)
+
+    @property
+    def grounding(self) -> bool:
+        return hasattr(self, "box_head")
+
+    def attend(self, queries: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The shared transformer: ``queries [b, R, d]`` read ``tokens [b, 1 + g*g, d]``;
+        returns the final-normalised queries ``[b, R, d]``."""
+        if tokens.shape[1] != 1 + self.grid ** 2:
+            raise ValueError(f"prompter expects 1 + {self.grid}^2 tokens, got {tokens.shape[1]}")
+        for block in self.blocks:
+            queries = block(queries, tokens)
+        return self.ln_final(queries)
 
     def forward(self, tokens: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """``tokens [b, 1 + grid*grid, width]`` (class token first, patch tokens row-major,
         after the vision tower's ln_post); ``boxes [b, R, 4]`` xyxy as fractions of the image.
         Returns ``[b, R, embed_dim]`` region embeddings, not normalised."""
-        if tokens.shape[1] != 1 + self.grid ** 2:
-            raise ValueError(f"prompter expects 1 + {self.grid}^2 tokens, got {tokens.shape[1]}")
         geometry = boxes.to(torch.promote_types(boxes.dtype, torch.float32))
         prompt = self.box_encoder(geometry)                                    # [b, R, d]
         weights = roi_weights(geometry, self.grid).to(tokens.dtype)            # [b, R, g*g]
@@ -132,9 +164,17 @@ class RegionPrompter(nn.Module):
         covered = weights.sum(-1, keepdim=True) > 0                            # [b, R, 1]
         roi = torch.where(covered, roi, tokens[:, :1])  # no patch area: the class token
         queries = prompt.to(tokens.dtype) + roi                                # [b, R, d]
-        for block in self.blocks:
-            queries = block(queries, tokens)
-        return self.proj(self.ln_final(queries))                               # [b, R, e]
+        return self.proj(self.attend(queries, tokens))                         # [b, R, e]
+
+    def ground(self, tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """The grounding task: ``tokens`` as in ``forward``, ``text [b, R, embed_dim]`` the
+        region captions' embeddings (one prompt per slot). Returns ``[b, R, 4]`` boxes, xyxy
+        as fractions of the image (x0 <= x1, y0 <= y1; may reach past the image edges)."""
+        if not self.grounding:
+            raise ValueError("this prompter has no text prompts (model.prompter.grounding=false)")
+        queries = self.text_encoder(text.to(self.text_encoder.weight.dtype))   # [b, R, d]
+        raw = self.box_head(self.attend(queries.to(tokens.dtype), tokens))     # [b, R, 4]
+        return cxcywh_to_xyxy(raw.float().sigmoid())
 
 
 def build_prompter(cfg) -> RegionPrompter:
@@ -143,4 +183,5 @@ def build_prompter(cfg) -> RegionPrompter:
     v = cfg.vision
     return RegionPrompter(v.width, cfg.embed_dim, grid=v.image_size // v.patch_size,
                           heads=cfg.prompter.heads, layers=cfg.prompter.layers,
-                          mlp_ratio=cfg.prompter.mlp_ratio, ln_eps=v.ln_eps)
+                          mlp_ratio=cfg.prompter.mlp_ratio, ln_eps=v.ln_eps,
+                          grounding=cfg.prompter.grounding)
