@@ -42,3 +42,27 @@ def write_atomic(path: str | Path, text: str) -> None:
     write_durable(tmp, text)
     os.replace(tmp, path)
     fsync(path.parent)
+
+
+def commit_file(tmp: str | Path, path: str | Path) -> None:
+    """Publish a finished file written at ``tmp``: flush it, rename it onto ``path``, sync the
+    directory entry (a reader sees no file or the whole file)."""
+    fsync(tmp)
+    os.replace(tmp, path)
+    fsync(Path(path).parent)
+
+
+def create_once(path: str | Path, text: str) -> bool:
+    """Write ``path`` atomically unless it exists (safe between processes); True if this call
+    created it. The text goes to a private temporary file, which is hard-linked into place."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    write_durable(tmp, text)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink()
+    fsync(path.parent)
+    return True
