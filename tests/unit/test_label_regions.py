@@ -276,3 +276,21 @@ def test_bad_flags_one_line(tmp_path, capsys, extra, message):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ")
     assert message.format(tmp=tmp_path) in err, err
+
+
+def test_detector_failure_leaves_the_shard_undone(tmp_path):
+    """Only read errors finish a shard early; a failing detector (here: out of memory) stops
+    the task with no done marker, so the shard is labelled again on resume."""
+    from trainer.data.vesl.label import LabelOptions, ShardLabeller, done_path
+
+    shards = _write_inputs(tmp_path / "in")
+
+    def out_of_memory(images, phrases):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    labeller = ShardLabeller(out_of_memory, LabelOptions(), tmp_path / "out")
+    (tmp_path / "out/_done").mkdir(parents=True)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        labeller.label(str(shards[1]))
+    assert not done_path(tmp_path / "out", str(shards[1])).exists()
+    assert not (tmp_path / "out" / shards[1].name).exists()

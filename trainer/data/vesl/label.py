@@ -131,23 +131,30 @@ class ShardLabeller:
             raise ValueError(f"mode={opts.mode!r} (replace|append)")
         self.detect, self.opts, self.out = detect, opts, Path(out)
 
-    def label(self, url: str, on_batch: Callable[[int], None] | None = None) -> dict:
-        """Write OUT/NAME.tar for shard `url`, then its done marker; returns the counts."""
+    def label(self, url: str) -> dict:
+        """Write OUT/NAME.tar for shard `url`, then its done marker; returns the counts.
+
+        A shard that cannot be read to its end (truncated, corrupt, a failing pipe) is a fact
+        about the input: what was read is labelled and the shard is done, its error recorded.
+        Any other error (the detector's, the disk's) propagates and leaves no done marker."""
         name = output_name(url)
         tmp = self.out / (name + ".tmp")
         counts: Counter = Counter()
         start, n, error = time.time(), 0, None
+        batches = _batches(read_shard(url), self.opts.batch_size)
         with ShardSink(self.out, file_name=tmp.name) as sink:
             keys: set[str] = set()
-            try:
-                for batch in _batches(read_shard(url), self.opts.batch_size):
-                    for sample in self._label_batch(batch, counts, keys):
-                        sink.write(sample)
-                    n += len(batch)
-                    if on_batch:
-                        on_batch(len(batch))
-            except Exception as e:  # truncated or unreadable shard: keep what was read, say so
-                error = f"{type(e).__name__}: {e}"[:300]
+            while True:
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    break
+                except Exception as e:  # reading the shard failed: keep what was read
+                    error = f"{type(e).__name__}: {e}"[:300]
+                    break
+                for sample in self._label_batch(batch, counts, keys):
+                    sink.write(sample)
+                n += len(batch)
         if not sink.paths:  # an empty input shard still gets an (empty) output tar
             tarfile.open(tmp, "w").close()
         commit_file(tmp, self.out / name)
