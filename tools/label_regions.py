@@ -123,14 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     if detector is not None:
         labeller = ShardLabeller(lambda images, phrases: detector.detect(images, phrases, opts.detect),
                                  opts, args.out)
-        bar = tqdm(total=len(todo), unit="shard", desc=tag, disable=args.quiet)
-        for u in todo:
-            r = labeller.label(u)
-            bar.update(1)
-            bar.set_postfix(samples=r["samples"], regions=r["regions"])
-            print(f"{tag}: labelled {u} -> {r['output']}: {r['samples']} samples, "
-                  f"{r['labelled']} labelled, {r['regions']} regions ({r['seconds']} s)"
-                  + (f"; read error: {r['read_error']}" if r["read_error"] else ""), file=sys.stderr)
+        bar = tqdm(unit="sample", desc=tag, disable=args.quiet)  # shard sizes are unknown
+        for k, u in enumerate(todo):
+            bar.set_postfix(shard=f"{k + 1}/{len(todo)}")
+            r = labeller.label(u, on_batch=bar.update)
+            tqdm.write(f"{tag}: labelled {u} -> {r['output']}: {r['samples']} samples, "
+                       f"{r['labelled']} labelled, {r['regions']} regions ({r['seconds']} s)"
+                       + (f"; read error: {r['read_error']}" if r["read_error"] else ""),
+                       file=sys.stderr)
         bar.close()
     report = summarize(args.out, mine)
     print(json.dumps({"task": args.task_index, "tasks": args.task_count, **report}))

@@ -131,8 +131,9 @@ class ShardLabeller:
             raise ValueError(f"mode={opts.mode!r} (replace|append)")
         self.detect, self.opts, self.out = detect, opts, Path(out)
 
-    def label(self, url: str) -> dict:
+    def label(self, url: str, on_batch: Callable[[int], None] | None = None) -> dict:
         """Write OUT/NAME.tar for shard `url`, then its done marker; returns the counts.
+        `on_batch(n)` is called after each batch of n samples (a progress bar).
 
         A shard that cannot be read to its end (truncated, corrupt, a failing pipe) is a fact
         about the input: what was read is labelled and the shard is done, its error recorded.
@@ -155,6 +156,8 @@ class ShardLabeller:
                 for sample in self._label_batch(batch, counts, keys):
                     sink.write(sample)
                 n += len(batch)
+                if on_batch is not None:
+                    on_batch(len(batch))
         if not sink.paths:  # an empty input shard still gets an (empty) output tar
             tarfile.open(tmp, "w").close()
         commit_file(tmp, self.out / name)
