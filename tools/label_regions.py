@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.data.vesl.detector import DetectOptions, DetectorError, RegionDetector, read_model_type
     from trainer.data.vesl.label import (LabelOptions, SettingsMismatch, ShardLabeller, check_names,
                                          claim_output, done_path, settings_of, summarize,
-                                         task_shards)
+                                         task_shards, write_total_report)
 
     opts = LabelOptions(DetectOptions(args.score, args.nms_iou, args.max_regions, prompt=args.prompt),
                         max_phrases=args.max_phrases, batch_size=args.batch_size, mode=args.mode)
@@ -134,10 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         bar.close()
     report = summarize(args.out, mine)
     print(json.dumps({"task": args.task_index, "tasks": args.task_count, **report}))
-    total = summarize(args.out, urls)
-    if total["pending"] == 0:
-        from trainer.io import write_atomic
-        write_atomic(Path(args.out) / "label_regions_report.json", json.dumps(total, indent=2) + "\n")
+    write_total_report(args.out, urls)
     return 0
 
 

@@ -35,10 +35,12 @@ def write_durable(path: str | Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def write_atomic(path: str | Path, text: str) -> None:
-    """``text`` into ``path`` through ``path.tmp`` and a rename; the directory entry is synced."""
+def write_atomic(path: str | Path, text: str, concurrent: bool = False) -> None:
+    """``text`` into ``path`` through ``path.tmp`` and a rename; the directory entry is synced.
+    ``concurrent``: other processes may write ``path`` at the same time (the same content,
+    last rename wins): each writes through its own ``path.<pid>.tmp``."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(path.name + (f".{os.getpid()}" if concurrent else "") + ".tmp")
     write_durable(tmp, text)
     os.replace(tmp, path)
     fsync(path.parent)

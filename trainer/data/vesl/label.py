@@ -5,6 +5,7 @@ Output layout under OUT:
                                 {"caption", "regions": [{"bbox", "caption", "score"}]}
     _done/NAME.json             written (atomically) after NAME.tar is complete: the counts
     label_regions.json          the run's settings; a later run into OUT must match them
+    label_regions_report.json   the totals, written once every shard is done
 A shard with a done marker is never labelled again; one without is (re)written from scratch
 through NAME.tar.tmp. Samples stream through in batches: memory holds one batch of images.
 
@@ -38,6 +39,7 @@ from trainer.io import commit_file, create_once, write_atomic
 
 REASONS = ("labelled", "no_box", "no_phrase", "no_caption", "bad_image", "duplicate_key")
 SETTINGS_FILE = "label_regions.json"
+REPORT_FILE = "label_regions_report.json"
 DONE_DIR = "_done"
 
 
@@ -246,4 +248,15 @@ def summarize(out: str | Path, urls: list[str]) -> dict:
         if r.get("read_error"):
             total["read_errors"].append(f"{u}: {r['read_error']}")
     total["pending"] = total["shards"] - total["done"]
+    return total
+
+
+def write_total_report(out: str | Path, urls: list[str]) -> dict | None:
+    """OUT/label_regions_report.json, the totals over every shard, once all are done (any
+    array task may be the last to finish: each writes it, through its own temporary file).
+    Returns the totals, or None while shards are pending."""
+    total = summarize(out, urls)
+    if total["pending"]:
+        return None
+    write_atomic(Path(out) / REPORT_FILE, json.dumps(total, indent=2) + "\n", concurrent=True)
     return total
