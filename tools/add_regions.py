@@ -9,6 +9,10 @@
 is rewritten under --out with the same file name; a matched sample's JSON gets the regions
 ("replace": instead of any it had, "append": after them), other samples are copied unchanged.
 Prints matched / unmatched counts (and writes them to OUT/add_regions.json).
+
+Memory stays flat whatever the JSONL's size: the labels are first indexed on disk
+(OUT/_regions_index.sqlite, trainer/data/region_index.py, removed at the end; it needs about
+the JSONL's size in free disk), then each shard streams through with one lookup per sample.
 """
 from __future__ import annotations
 
@@ -16,22 +20,21 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tqdm import tqdm  # noqa: E402
 
-from trainer.data.sources import read_region_labels  # noqa: E402
+from tools.errors import usage_error  # noqa: E402
+from trainer.data.region_index import RegionIndex  # noqa: E402
 from trainer.data.stream import read_shard  # noqa: E402
 from trainer.data.urls import expand_urls  # noqa: E402
 from trainer.data.writer import OutputExistsError, ShardSink, check_fresh_output  # noqa: E402
 
 
-def usage_error(message: str) -> None:
-    """Bad input: one ``error: ...`` line naming the flag or file, exit 2 (argparse's status)."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+INDEX_FILE = "_regions_index.sqlite"
 
 
 def valid_region(r: object) -> bool:
@@ -62,19 +65,18 @@ def merge_sample(sample: dict, regions: list, mode: str) -> tuple[dict, bool]:
     return out, malformed
 
 
-def process(sample: dict, labels: dict, mode: str, report: dict, seen: set) -> dict:
-    key = sample["__key__"]
+def process(sample: dict, labels: RegionIndex, mode: str, report: dict) -> dict:
     sample.pop("__duplicate__", None)
     report["samples"] += 1
-    if key not in labels:
+    found = labels.lookup(sample["__key__"])
+    if found is None:
         report["unmatched_samples"] += 1
         return {k: v for k, v in sample.items() if k != "__url__"}
-    regions = [r for r in labels[key] if valid_region(r)]
-    report["invalid_regions"] += len(labels[key]) - len(regions)
+    regions = [r for r in found if valid_region(r)]
+    report["invalid_regions"] += len(found) - len(regions)
     out, malformed = merge_sample(sample, regions, mode)
     report["malformed_json_replaced"] += malformed
     report["matched"] += 1
-    seen.add(key)
     return out
 
 
@@ -97,10 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     except OutputExistsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    labels, duplicates = read_region_labels(args.regions)
-    seen: set[str] = set()
+    try:
+        labels = RegionIndex.build(args.regions, os.path.join(args.out, INDEX_FILE))
+    except (ValueError, UnicodeDecodeError) as e:
+        shutil.rmtree(args.out, ignore_errors=True)  # check_fresh_output made it: still ours
+        usage_error(f"--regions {e}" if isinstance(e, UnicodeDecodeError) else str(e))
     report = {"samples": 0, "matched": 0, "unmatched_samples": 0, "invalid_regions": 0,
-              "malformed_json_replaced": 0, "duplicate_label_lines": duplicates,
+              "malformed_json_replaced": 0, "duplicate_label_lines": labels.duplicate_lines(),
               "shard_errors": []}
     for url in tqdm(urls, desc="shards", unit="shard",
                     disable=True if args.quiet else None):  # None: only on a terminal
@@ -108,12 +113,17 @@ def main(argv: list[str] | None = None) -> int:
         with ShardSink(args.out, file_name=f"{name}.tar") as sink:
             try:
                 for sample in read_shard(url):
-                    sink.write(process(sample, labels, args.mode, report, seen))
+                    sink.write(process(sample, labels, args.mode, report))
             except Exception as e:  # keep going: report the shard, keep what was readable
                 report["shard_errors"].append(f"{url}: {type(e).__name__}: {e}"[:300])
-    unused = sorted(set(labels) - seen)
-    report["unused_label_keys"] = len(unused)
-    report["unused_label_examples"] = unused[:10]
+    unused, examples = 0, []
+    for key in labels.unused_keys():
+        unused += 1
+        if len(examples) < 10:
+            examples.append(key)
+    labels.close()
+    report["unused_label_keys"] = unused
+    report["unused_label_examples"] = examples
     with open(os.path.join(args.out, "add_regions.json"), "w") as f:
         json.dump(report, f, indent=2)
     print(json.dumps(report))

@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tqdm import tqdm  # noqa: E402
 
+from tools.errors import usage_error  # noqa: E402
 from trainer.data import sources  # noqa: E402
 from trainer.data.writer import OutputExistsError, check_fresh_output, write_shards  # noqa: E402
 
@@ -62,12 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--captions", required=True, help="CSV (image,caption header) or JSONL")
     d.add_argument("--regions", default=None, help='JSONL {"key"|"image": ..., "regions": [...]}')
     return p
-
-
-def usage_error(message: str) -> None:
-    """Bad input: one ``error: ...`` line naming the flag or file, exit 2 (argparse's status)."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def validate(args: argparse.Namespace) -> None:

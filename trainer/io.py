@@ -35,10 +35,36 @@ def write_durable(path: str | Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def write_atomic(path: str | Path, text: str) -> None:
-    """``text`` into ``path`` through ``path.tmp`` and a rename; the directory entry is synced."""
+def write_atomic(path: str | Path, text: str, concurrent: bool = False) -> None:
+    """``text`` into ``path`` through ``path.tmp`` and a rename; the directory entry is synced.
+    ``concurrent``: other processes may write ``path`` at the same time (the same content,
+    last rename wins): each writes through its own ``path.<pid>.tmp``."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(path.name + (f".{os.getpid()}" if concurrent else "") + ".tmp")
     write_durable(tmp, text)
     os.replace(tmp, path)
     fsync(path.parent)
+
+
+def commit_file(tmp: str | Path, path: str | Path) -> None:
+    """Publish a finished file written at ``tmp``: flush it, rename it onto ``path``, sync the
+    directory entry (a reader sees no file or the whole file)."""
+    fsync(tmp)
+    os.replace(tmp, path)
+    fsync(Path(path).parent)
+
+
+def create_once(path: str | Path, text: str) -> bool:
+    """Write ``path`` atomically unless it exists (safe between processes); True if this call
+    created it. The text goes to a private temporary file, which is hard-linked into place."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    write_durable(tmp, text)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink()
+    fsync(path.parent)
+    return True

@@ -21,7 +21,8 @@ def run(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
 
 
 def test_syntax_and_shellcheck():
-    files = SCRIPTS + ["slurm/launch.sh", "tests/slurm/cluster.sh"]
+    files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "slurm").glob("*.sh"))
+    files += ["tests/slurm/cluster.sh"]
     for f in files:
         assert subprocess.run(["bash", "-n", f], cwd=ROOT).returncode == 0, f
     if shutil.which("shellcheck") is None:
@@ -94,3 +95,17 @@ def test_bad_input_is_one_clear_line(args, env, message, dense):
 def test_help_lists_the_knobs():
     out = run("slurm/smoke.sh", "--help")
     assert out.returncode == 0 and "sbatch slurm/smoke.sh" in out.stdout and "LAUNCHER" in out.stdout
+
+
+def test_label_regions_array_task_from_slurm_variables():
+    """slurm/label_regions.sh: task index = array id - first id, count = array size; a
+    non-contiguous array is refused in one line (exit 2)."""
+    array = {"SLURM_ARRAY_TASK_MIN": "2", "SLURM_ARRAY_TASK_MAX": "5",
+             "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_ID": "3"}
+    out = run("slurm/label_regions.sh", "--dry-run", "--shards", "d/{0..9}.tar", **array)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1].endswith(
+        "tools/label_regions.py --task-index 1 --task-count 4 --quiet --shards d/{0..9}.tar")
+    out = run("slurm/label_regions.sh", "--dry-run", **dict(array, SLURM_ARRAY_TASK_MAX="9"))
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "--array must be one contiguous range (tasks 2..9 but 4 of them)" in out.stderr

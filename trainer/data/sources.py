@@ -200,24 +200,40 @@ def read_captions(path: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def region_label_row(line: str, path: str, n: int) -> tuple[str, list] | None:
+    """One JSONL line {"key"|"image": ..., "regions": [...]} -> (key, regions); None if blank.
+    Errors name the file and line."""
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line)
+    except ValueError as e:
+        raise ValueError(f"{path}:{n}: not JSON ({e})") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"{path}:{n}: not a JSON object")
+    if "key" in row:
+        key = str(row["key"])
+    elif "image" in row:
+        key = sample_key(str(row["image"]))
+    else:
+        raise ValueError(f"{path}:{n}: needs a 'key' or an 'image' field")
+    regions = row.get("regions") or []
+    if not isinstance(regions, list):
+        raise ValueError(f"{path}:{n}: 'regions' must be a list")
+    return key, regions
+
+
 def read_region_labels(path: str) -> tuple[dict[str, list], int]:
-    """JSONL {"key"|"image": ..., "regions": [...]} -> ({key: regions}, duplicate lines merged)."""
+    """JSONL {"key"|"image": ..., "regions": [...]} -> ({key: regions}, duplicate lines merged).
+    Holds the whole file: for large files use trainer.data.region_index.RegionIndex."""
     out: dict[str, list] = {}
     duplicates = 0
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
-            if not line.strip():
+            row = region_label_row(line, path, n)
+            if row is None:
                 continue
-            row = json.loads(line)
-            if "key" in row:
-                key = str(row["key"])
-            elif "image" in row:
-                key = sample_key(str(row["image"]))
-            else:
-                raise ValueError(f"{path}:{n}: needs a 'key' or an 'image' field")
-            regions = row.get("regions") or []
-            if not isinstance(regions, list):
-                raise ValueError(f"{path}:{n}: 'regions' must be a list")
+            key, regions = row
             if key in out:
                 duplicates += 1
             out.setdefault(key, []).extend(regions)
