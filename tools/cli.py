@@ -19,6 +19,8 @@ COMMANDS = {
     "eval": ("tools.evaluate", "zero-shot, retrieval and region retrieval of a checkpoint"),
     "shards": ("tools.make_shards", "write WebDataset shards (synthetic, Fashion-MNIST, folder)"),
     "regions": ("tools.add_regions", "merge region pseudo-labels into existing shards"),
+    "label": ("tools.label_regions",
+              "VESL-style region pseudo-labels: caption phrases + an open-vocabulary detector"),
     "plot": ("tools.plot_run", "PNG plots of a run's metrics.jsonl"),
     "summarize": ("tools.summarize_run", "evaluations and loss of runs"),
     "build-kernels": ("kernels.build", "compile the optional CUDA extension (needs nvcc)"),
