@@ -82,7 +82,10 @@ def installed(tmp_path_factory):
                           capture_output=True, text=True, check=True).stdout.strip()
     ours = dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
     (Path(site) / "upclip_test_deps.pth").write_text("\n".join(ours) + "\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RANK", "WORLD_SIZE")}
+    # no launch variables: a dist1 group of this pytest process set MASTER_PORT (in use)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                        "MASTER_PORT")}
     p = subprocess.run([py, "-m", "pip", "install", "--no-index", "--no-build-isolation",
                         "--disable-pip-version-check", "-q", str(src)],
                        env=env, capture_output=True, text=True, timeout=300)
