@@ -8,7 +8,6 @@ This module imports neither torch nor megatron so a broken config fails in well 
 from __future__ import annotations
 
 import copy
-import json
 import dataclasses
 import types
 import typing
@@ -18,16 +17,15 @@ from typing import Any
 
 import yaml
 
+from trainer.config_base import ConfigError, check_positive, quoted_list_example
 from trainer.config_cli import named_configs, resolve_config_path
 from trainer.config_docs import did_you_mean, get_dotted
 from trainer.data.config import DataConfig, DataConfigError
 from trainer.dmu.config import DMUConfig, DMUConfigError
+from trainer.eval.config import (EVAL_TASKS, NAMED_CLASSNAMES, NAMED_TEMPLATES,  # noqa: F401
+                                 EvalConfig, EvalSetConfig)
 from trainer.moe.config import MoEConfig, MoEConfigError
 from trainer.models.presets import MODEL_PRESETS
-
-
-class ConfigError(ValueError):
-    """A configuration problem; its message is one line naming the key and the value."""
 
 
 # kernels.activations.ACTIVATIONS (kernels imports torch, this module must not); a unit test
@@ -48,7 +46,7 @@ class TowerConfig:
 
     def validate(self, key: str) -> None:
         for name in ("width", "layers", "heads"):
-            _positive(self, key, name)
+            check_positive(self, key, name)
         if self.width % self.heads:
             raise ConfigError(f"{key}.width={self.width} is not divisible by "
                               f"{key}.heads={self.heads}")
@@ -111,7 +109,7 @@ class PrompterConfig:
     def validate(self, key: str) -> None:
         if self.layers < 0:
             raise ConfigError(f"{key}.layers={self.layers} must be >= 0")
-        _positive(self, key, "heads")
+        check_positive(self, key, "heads")
         if self.grounding and not self.layers:
             raise ConfigError(f"{key}.grounding=true needs {key}.layers > 0")
 
@@ -141,7 +139,7 @@ class ModelConfig:
     def validate(self, key: str) -> None:
         self.vision.validate(f"{key}.vision")
         self.text.validate(f"{key}.text")
-        _positive(self, key, "embed_dim")
+        check_positive(self, key, "embed_dim")
         self.prompter.validate(f"{key}.prompter")
         if self.params_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"{key}.params_dtype={self.params_dtype!r}: expected float32 or bfloat16")
@@ -161,7 +159,7 @@ class ParallelConfig:
 
     def validate(self, key: str) -> None:
         for name in ("tp", "pp", "ep"):
-            _positive(self, key, name)
+            check_positive(self, key, name)
 
 
 WANDB_MODES = ("", "online", "offline", "disabled")
@@ -259,7 +257,7 @@ class TrainConfig:
     def validate(self, key: str) -> None:
         for name in ("steps", "micro_batch_size", "num_microbatches", "log_every",
                      "max_nonfinite_steps"):
-            _positive(self, key, name)
+            check_positive(self, key, name)
         for name in ("lr", "eps", "max_logit_scale", "lr_mult_experts", "lr_mult_routers"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{key}.{name}={getattr(self, name)} must be > 0")
@@ -315,97 +313,6 @@ class CheckpointConfig:
 # Built-in class-name and template sets (trainer/eval/names.py takes them from
 # open_clip.zero_shot_metadata at run time; this module imports no open_clip). A unit test
 # keeps the two equal.
-NAMED_CLASSNAMES = ("imagenet",)
-NAMED_TEMPLATES = ("openai_imagenet", "simple_imagenet")
-EVAL_TASKS = ("zero_shot", "retrieval", "regions")
-
-
-def _check_named(key: str, value: list[str] | str, names: tuple[str, ...]) -> None:
-    """A string must be one of ``names`` (a built-in set); anything else reads like an
-    unquoted list."""
-    if isinstance(value, str) and value not in names:
-        raise ConfigError(f"{key} expects a list of strings; quote items: "
-                          f"'{key}={_quoted_list_example(value)}'")
-
-
-def _check_templates(key: str, templates: list[str] | str) -> None:
-    _check_named(key, templates, NAMED_TEMPLATES)
-    if isinstance(templates, list) and any("{}" not in t and "{c}" not in t for t in templates):
-        raise ConfigError(f"{key}={templates!r}: each needs a '{{}}' (or clip_benchmark's "
-                          "'{c}') where the class name goes")
-
-
-@dataclass
-class EvalSetConfig:
-    """One named eval set of ``eval.sets``. Empty fields fall back to ``eval.*``, then to the
-    files beside the set (see EvalConfig)."""
-    urls: str = ""          # WebDataset shards (any data.eval_urls spec, clip_benchmark's dir)
-    csv: str = ""           # or a CSV set (as eval.csv)
-    csv_image_key: str = "filepath"  # the CSV's image path column (as eval.csv_image_key)
-    csv_caption_key: str = "title"   # the CSV's caption column (as eval.csv_caption_key)
-    csv_label_key: str = ""          # the CSV's class label column; empty: none
-    tasks: list[str] = field(default_factory=list)           # empty: eval.tasks
-    classnames: list[str] | str = field(default_factory=list)  # empty: eval.classnames
-    templates: list[str] | str = field(default_factory=list)   # empty: eval.templates
-    max_batches: int = -1   # -1: eval.max_batches
-
-    def validate(self, key: str) -> None:
-        if bool(self.urls) == bool(self.csv):
-            raise ConfigError(f"{key}: set exactly one of {key}.urls and {key}.csv")
-        if any(t not in EVAL_TASKS for t in self.tasks):
-            raise ConfigError(f"{key}.tasks={self.tasks!r}: each must be one of {EVAL_TASKS}")
-        _check_named(f"{key}.classnames", self.classnames, NAMED_CLASSNAMES)
-        _check_templates(f"{key}.templates", self.templates)
-        if self.max_batches < -1:
-            raise ConfigError(f"{key}.max_batches={self.max_batches} must be >= -1")
-
-
-@dataclass
-class EvalConfig:
-    """Zero-shot classification, image-text retrieval and CLOC region retrieval on the eval
-    set (data.eval_urls shards, or eval.csv) and on the named sets of eval.sets; see
-    trainer/eval/__init__.py and trainer/eval/sets.py."""
-    every: int = 0          # steps between evaluations (0: only before and after training)
-    # What to compute; each runs when the data supports it (zero_shot: class labels,
-    # regions: region boxes and model.prompter.layers > 0).
-    tasks: list[str] = field(default_factory=lambda: list(EVAL_TASKS))
-    # A CSV eval set instead of data.eval_urls (tab-separated if it ends in .tsv): one row per
-    # (image, caption), image paths relative to the CSV's folder; the label column is optional.
-    csv: str = ""
-    csv_image_key: str = "filepath"  # eval.csv column with the image path
-    csv_caption_key: str = "title"   # eval.csv column with the caption
-    csv_label_key: str = ""          # eval.csv column with the class label; empty: none
-    # Class names in label order, or a built-in set (imagenet). Empty: classnames.txt (one per
-    # line; clip_benchmark's) beside the shards or one folder up, else `classnames` of the
-    # dataset.json that tools/make_shards.py writes beside them.
-    classnames: list[str] | str = field(default_factory=list)
-    # Prompt templates ("a photo of a {}"; clip_benchmark's "{c}" works too), or a built-in
-    # set (openai_imagenet: OpenAI's 80, simple_imagenet). Empty:
-    # zeroshot_classification_templates.txt beside the shards or one folder up, else
-    # ["a photo of a {}"].
-    templates: list[str] | str = field(default_factory=list)
-    max_batches: int = 0    # per rank; 0: the whole split
-    # Further eval sets, each evaluated and logged under its name (eval/<name>/<metric>):
-    # {name: {urls | csv, tasks, classnames, templates, ...}} (EvalSetConfig).
-    sets: dict[str, EvalSetConfig] = field(default_factory=dict)
-
-    def validate(self, key: str) -> None:
-        for name in ("every", "max_batches"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{key}.{name}={getattr(self, name)} must be >= 0")
-        _check_templates(f"{key}.templates", self.templates)
-        _check_named(f"{key}.classnames", self.classnames, NAMED_CLASSNAMES)
-        if any(t not in EVAL_TASKS for t in self.tasks):
-            raise ConfigError(f"{key}.tasks={self.tasks!r}: each must be one of {EVAL_TASKS}")
-        if self.csv and not (self.csv_image_key and self.csv_caption_key):
-            raise ConfigError(f"{key}.csv is set: {key}.csv_image_key and {key}.csv_caption_key "
-                              "must name its columns")
-        for name, s in self.sets.items():
-            if not name or "/" in name:
-                raise ConfigError(f"{key}.sets: set name {name!r} must be non-empty, without '/'")
-            s.validate(f"{key}.sets.{name}")
-
-
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)  # architecture: towers, MoE, prompter
@@ -498,12 +405,6 @@ class Config:
                                   "one's labels were set)")
 
 
-def _positive(obj: Any, key: str, name: str) -> None:
-    value = getattr(obj, name)
-    if value <= 0:
-        raise ConfigError(f"{key}.{name}={value} must be > 0")
-
-
 # --------------------------------------------------------------------------- building
 
 class UnknownKeyError(ConfigError):
@@ -550,7 +451,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if item is str and (not isinstance(value, (list, tuple))
                             or any(isinstance(v, (dict, list, tuple)) or v is None for v in value)):
             raise ConfigError(f"{key} expects a list of strings; quote items: "
-                              f"'{key}={_quoted_list_example(value)}'")
+                              f"'{key}={quoted_list_example(value)}'")
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}={value!r}: expected a list")
         return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
@@ -594,19 +495,6 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     else:
         raise ConfigError(f"{key}: unsupported field type {tp}")
     raise ConfigError(f"{key}={value!r}: expected {tp.__name__}")
-
-
-def _quoted_list_example(value: Any) -> str:
-    """The JSON-quoted list a user most likely meant by ``value`` (the raw text YAML refused,
-    e.g. ``[a photo of a {}, a {}]``, or what YAML made of it)."""
-    if isinstance(value, str):
-        inner = value.strip()
-        if inner.startswith("[") and inner.endswith("]"):
-            inner = inner[1:-1]
-        items = [t.strip() for t in inner.split(",") if t.strip()] or ["..."]
-    else:
-        items = ["..."]
-    return json.dumps(items)
 
 
 def parse_overrides(items: list[str]) -> dict:

@@ -35,7 +35,8 @@ OURS = ("trainer", "kernels")  # top-level packages of this repository
 
 # Dependency order: a file's definitions may use those of the files above it.
 SOURCES = ("kernels/activations.py", "kernels/layout.py", "kernels/reference.py",
-           "trainer/moe/routing.py", "trainer/moe/config.py", "trainer/config.py",
+           "trainer/moe/routing.py", "trainer/moe/config.py", "trainer/config_base.py",
+           "trainer/config.py",
            "trainer/models/prompter.py", "trainer/hub.py")
 ROOTS = (("trainer/hub.py", "UpCLIPModel"), ("trainer/config.py", "ModelConfig"),
          ("trainer/config.py", "from_dict"))

@@ -20,7 +20,8 @@ SOURCES = ("kernels", "trainer", "tools", "bench")
 # (layer, name, module prefixes): the longest matching prefix decides a module's layer
 LAYERS = [
     (0, "kernels", ("kernels",)),
-    (1, "config", ("trainer.__init__", "trainer.config", "trainer.config_docs",
+    (1, "config", ("trainer.__init__", "trainer.config", "trainer.config_base",
+                   "trainer.eval.config", "trainer.config_docs",
                    "trainer.config_cli", "trainer.io", "trainer.data.config",
                    "trainer.moe.config", "trainer.dmu.config", "trainer.models.presets")),
     (2, "distributed", ("trainer.distributed", "trainer.signals")),
