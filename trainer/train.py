@@ -3,7 +3,9 @@
 The command line only: the loop is trainer/trainer.py. Runs as one process, under torchrun,
 srun or mpirun (see trainer/distributed/launch.py). Bad configs and layouts fail before any
 heavy import, with one line naming the problem (local shards of data.train_urls /
-data.eval_urls that do not exist too). Exit codes: 0 done, 2 bad input,
+data.eval_urls that do not exist too); what can only be found once the run has started (a
+``checkpoint.save_dir`` holding no usable checkpoint, data that gives no batch) ends it the
+same way. Exit codes: 0 done, 2 bad input,
 3 (``EXIT_REQUEUE``) stopped by SIGUSR1/SIGTERM after saving, 4 too many non-finite steps in a
 row.
 """
@@ -64,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, LaunchError, LayoutError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    result = run(cfg, launch, layout, signals)
+    from trainer.trainer import BAD_INPUT_ERRORS, bad_input_exit
+    try:
+        result = run(cfg, launch, layout, signals)
+    except BAD_INPUT_ERRORS as e:  # found after the start: no usable checkpoint, no data
+        return bad_input_exit(e, cfg.run_dir, launch.rank)
     import torch.distributed as dist
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -27,7 +27,7 @@ LAYERS = [
     (4, "moe", ("trainer.moe",)),
     (5, "models", ("trainer.models", "trainer.hub")),
     (6, "optim, step, checkpoint", ("trainer.optim", "trainer.step", "trainer.checkpoint",
-                                    "trainer.reshard", "trainer.metrics")),
+                                    "trainer.reshard", "trainer.metrics", "trainer.resume")),
     (7, "eval, export", ("trainer.eval", "trainer.export", "trainer.upcycle")),
     (8, "trainer loop, dmu", ("trainer.trainer", "trainer.dmu")),
     (9, "tools", ("tools", "bench", "trainer.train", "trainer.dmu.__main__")),

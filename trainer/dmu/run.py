@@ -222,7 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, LaunchError, LayoutError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    code = run(plan, launch, layout, signals)
+    from trainer.trainer import BAD_INPUT_ERRORS, bad_input_exit
+    try:
+        code = run(plan, launch, layout, signals)
+    except BAD_INPUT_ERRORS as e:  # a phase's save_dir with no usable checkpoint, no data
+        return bad_input_exit(e, cfg.run_dir, launch.rank)
     import torch.distributed as dist
     if dist.is_initialized():
         dist.destroy_process_group()
