@@ -14,16 +14,28 @@
 #     mod 20000 (set either variable to override);
 #  4. starts one task per GPU with srun (LAUNCHER=srun, default; SRUN_MPI=pmix adds
 #     --mpi=pmix) or one torchrun per node (LAUNCHER=torchrun);
-#  5. the trainer resumes from RUN_DIR/checkpoints/latest by itself. On the stop signal
-#     (#SBATCH --signal=USR1@<s>, or SIGTERM on preemption) it saves and exits 3; this script
-#     then requeues the job (`scontrol requeue`, at most MAX_RESTARTS times). Exit 0: done.
-#     Any other exit code fails the job, keeping the last checkpoint.
+#  5. the trainer resumes from RUN_DIR/checkpoints by itself (latest, or the newest checkpoint
+#     that verifies). What this script does when it ends (the trainer's exit code, read from
+#     RUN_DIR/exit_status.json when there is one, else srun's):
+#       0  done;
+#       2  bad input (config, data, no usable checkpoint) and 4 (non-finite loss): the job
+#          fails, keeping the last checkpoint: a rerun would fail the same way;
+#       3  stopped by the stop signal (#SBATCH --signal=USR1@<s>, or SIGTERM on preemption)
+#          after saving: requeued (`scontrol requeue`);
+#       anything else: a crash (a task killed, an NCCL timeout, a lost node, a segfault):
+#          requeued, to resume from the last checkpoint;
+#     at most MAX_RESTARTS requeues in all; each attempt's outcome and reason go to
+#     RUN_DIR/launch/attempts.log. torchrun's own restarts (--max-restarts=TORCHRUN_MAX_RESTARTS,
+#     default 0) are off by default: torchrun restarts every failing worker, the deliberate
+#     exits 2, 3 and 4 included (a stop signal's exit 3 would train on in an allocation about
+#     to end); crashes under torchrun are requeued like srun's.
 #
 # Environment knobs (all optional):
 #   CONFIG=configs/...yaml   RUN_DIR=runs/...   PY=.venv/bin/python   UPCLIP_HOME=<checkout>
 #   LAUNCHER=srun|torchrun   SRUN_MPI=pmix|...  SRUN_ARGS="extra srun flags"
 #   NPROC_PER_NODE=<torchrun workers per node; default: tasks per node of the allocation>
 #   MAX_RESTARTS=100         OVERRIDES="k=v k=v" (in addition to the script's arguments)
+#   TORCHRUN_MAX_RESTARTS=0  (LAUNCHER=torchrun: torchrun's --max-restarts; see 5.)
 #   DRY_RUN=1                (same as --dry-run: print the srun command line, run nothing)
 #   UPCLIP_MODULE=trainer.train  (the entry point; slurm/dmu_b16.sh sets trainer.dmu)
 #
@@ -42,7 +54,7 @@ upclip_usage() {
   sed -n 's/^# //p' "$1"
   echo "usage: sbatch $1 [key=value ...]   |   bash $1 --dry-run [key=value ...]"
   echo "knobs: CONFIG RUN_DIR PY LAUNCHER SRUN_MPI SRUN_ARGS NPROC_PER_NODE MAX_RESTARTS"
-  echo "       OVERRIDES DRY_RUN UPCLIP_HOME UPCLIP_MODULE (see slurm/launch.sh)"
+  echo "       TORCHRUN_MAX_RESTARTS OVERRIDES DRY_RUN UPCLIP_HOME UPCLIP_MODULE (see slurm/launch.sh)"
 }
 
 # The value of `#SBATCH --<key>=<value>` in a job script (for dry runs outside an allocation).
@@ -50,8 +62,9 @@ upclip_sbatch_header() {
   sed -n "s/^#SBATCH --$2=\([^ ]*\).*/\1/p" "$1" | head -n 1
 }
 
-upclip_exit_status() {  # exit_code from RUN_DIR/exit_status.json, empty if absent
-  [ -f "$1" ] && sed -n 's/.*"exit_code": *\([0-9]*\).*/\1/p' "$1"
+upclip_exit_status() {  # exit_code from RUN_DIR/exit_status.json, empty if absent (a crash)
+  # never a failing status: the caller runs under `set -e`
+  if [ -f "$1" ]; then sed -n 's/.*"exit_code": *\([0-9]*\).*/\1/p' "$1"; fi
 }
 
 upclip_launch() {
@@ -156,7 +169,8 @@ PY
            bash -c 'trap "" USR1; exec "$@"' torchrun
            "$py" -m torch.distributed.run --nnodes="$nodes" --nproc-per-node="$nproc"
            --rdzv-backend=c10d --rdzv-endpoint="$master_addr:$master_port"
-           --rdzv-id="${job_id:-0}" "${train[@]}") ;;
+           --rdzv-id="${job_id:-0}" --max-restarts="${TORCHRUN_MAX_RESTARTS:-0}"
+           "${train[@]}") ;;
     *) upclip_die "LAUNCHER=${LAUNCHER} (expected srun or torchrun)" ;;
   esac
 
@@ -176,18 +190,29 @@ PY
   local status
   status=$(upclip_exit_status "$run_dir/exit_status.json")
   echo "upclip: srun exited $rc, trainer status ${status:-none}"
-  if [ "${status:-$rc}" = 3 ]; then
-    if [ "$restart" -ge "${MAX_RESTARTS:-100}" ]; then
-      echo "upclip: stopped and saved, but already restarted $restart times (MAX_RESTARTS=${MAX_RESTARTS:-100}): not requeueing" >&2
-      exit 3
-    fi
-    echo "upclip: trainer saved and stopped: requeueing job $job_id"
+  local code=${status:-$rc} reason requeue=0
+  case $code in
+    0) if [ "$rc" = 0 ]; then reason="done"; else reason="trainer finished but srun exited $rc"; code=$rc; fi ;;
+    2) reason="bad input (exit 2): not requeued, fix the input and resubmit" ;;
+    4) reason="non-finite loss (exit 4): not requeued, a human must look" ;;
+    3) reason="stopped by a signal after saving (exit 3)"; requeue=1 ;;
+    *) reason="crashed (srun exit $rc, trainer status ${status:-none})"; requeue=1 ;;
+  esac
+  if [ "$requeue" = 1 ] && [ "$restart" -ge "${MAX_RESTARTS:-100}" ]; then
+    reason="$reason; already restarted $restart times (MAX_RESTARTS=${MAX_RESTARTS:-100}): not requeued"
+    requeue=0
+  elif [ "$requeue" = 1 ]; then
+    reason="$reason: requeued"
+  fi
+  echo "$(date -u +%FT%TZ) attempt $((restart + 1)) ended: $reason" >>"$run_dir/launch/attempts.log"
+  if [ "$requeue" = 1 ]; then
+    echo "upclip: $reason: requeueing job $job_id"
     scontrol requeue "$job_id"
     exit 0
   fi
-  if [ "${status:-$rc}" = 0 ] && [ "$rc" != 0 ]; then
-    echo "upclip: trainer finished but srun exited $rc" >&2
-    exit "$rc"
+  if [ "$code" = 0 ]; then
+    exit 0
   fi
-  exit "${status:-$rc}"
+  echo "upclip: $reason" >&2
+  exit "$code"
 }

@@ -20,8 +20,9 @@ A directory without a valid manifest is not a checkpoint. Every rank writes into
 manifest, renames the directory to ``step_XXXXXXXX`` and replaces ``<root>/latest`` (a
 one-line text file) atomically. A crash at any moment leaves the previous checkpoint and
 ``latest`` intact; the next save removes leftover ``*.partial`` directories first.
-``keep_last=N`` then deletes complete ``step_*`` directories older than the newest N, never
-the one ``latest`` names.
+``keep_last=N`` then deletes complete ``step_*`` directories older than the one just saved,
+keeping N in all (that one included); directories of later steps (a checkpoint a resume fell
+back from, trainer/resume.py) are left alone until a save of their step replaces them.
 
 Optimizer state on load (``load_checkpoint(..., optimizer=...)``): moments and step counts map
 by the parameter's sharded key, so they reshard with the weights; which param group a parameter
@@ -57,12 +58,17 @@ FORMAT_VERSION = 1
 SHARDED_METADATA = {"non_homogeneous_layers": True}  # dense and MoE layers may mix
 RANK_STATE = "rank_state/rank_{rank:05d}.json"
 OPTIMIZER_PREFIX = "optimizer.state"
-_STEP_DIR = re.compile(r"step_(\d+)")
+STEP_DIR = re.compile(r"step_(\d+)")
 _LEFTOVER = (".partial", ".stale")  # an interrupted save; an old copy on its way out
 
 
 class CheckpointError(RuntimeError):
     pass
+
+
+class CorruptCheckpointError(CheckpointError):
+    """The directory is not a usable checkpoint: no or an unreadable manifest, or a file it
+    lists is missing or differs from its size and sha256."""
 
 
 def versions() -> dict:
@@ -265,14 +271,29 @@ def _check_inputs(optimizer, train_state, rank_state) -> bool:
     return any(g[2] for g in gathered)
 
 
-def _prune(root: Path, keep_last: int, latest: str) -> None:
-    complete = sorted((d for d in root.iterdir() if d.is_dir() and _STEP_DIR.fullmatch(d.name)
-                       and (d / MANIFEST).is_file()), key=lambda d: int(d.name[5:]))
-    keep = {d.name for d in complete[-keep_last:]} | {latest}
-    for d in complete:
-        if d.name not in keep:
-            _remove(d)
-            log.info("removed old checkpoint %s (keep_last=%d)", d, keep_last)
+def step_of(d: Path) -> int:
+    return int(STEP_DIR.fullmatch(d.name).group(1))
+
+
+def step_dirs(root: str | Path) -> list[Path]:
+    """The ``step_*`` directories under ``root`` (complete or not), oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted((d for d in root.iterdir() if d.is_dir() and STEP_DIR.fullmatch(d.name)),
+                  key=step_of)
+
+
+def _prune(root: Path, keep_last: int, saved: Path) -> None:
+    """Delete complete checkpoints older than ``saved`` beyond the newest ``keep_last - 1``.
+    ``saved`` (just written and checksummed: the newest valid checkpoint) always stays, and so
+    do later steps' directories: this run did not write them (trainer/resume.py fell back from
+    them) and pruning must not guess whether they are worth keeping."""
+    older = [d for d in step_dirs(root)
+             if step_of(d) < step_of(saved) and (d / MANIFEST).is_file()]
+    for d in older[:max(0, len(older) - (keep_last - 1))]:
+        _remove(d)
+        log.info("removed old checkpoint %s (keep_last=%d)", d, keep_last)
 
 
 def own_writer_queue() -> None:
@@ -301,8 +322,8 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, config:
 
     ``train_state``: JSON, the same on every rank (rank 0's copy goes into the manifest).
     ``rank_state``: JSON, this rank's own (RNG, data position), one file per rank.
-    ``keep_last``: 0 keeps every checkpoint; N deletes complete ``step_*`` directories older
-    than the newest N, never the one ``latest`` names.
+    ``keep_last``: 0 keeps every checkpoint; N keeps this one and the N-1 newest complete
+    ``step_*`` directories before it, and deletes the older ones.
     """
     from megatron.core import dist_checkpointing
 
@@ -362,7 +383,7 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, config:
         write_atomic(root / "latest", final.name + "\n")
         shutil.rmtree(final.with_name(final.name + ".stale"), ignore_errors=True)
         if keep_last > 0:
-            _prune(root, keep_last, final.name)
+            _prune(root, keep_last, final)
         log.info("saved checkpoint step %d to %s in %.1fs (%s%s)", step, final,
                  time.time() - t0, layout.describe(), ", with optimizer" if optimizer else "")
     C.barrier()
@@ -381,10 +402,10 @@ def resolve(path: str | Path) -> Path:
     if latest.is_file():
         target = path / latest.read_text().strip()
         if target.name.endswith(_LEFTOVER):
-            raise CheckpointError(f"{latest} points at {target}, an interrupted save")
+            raise CorruptCheckpointError(f"{latest} points at {target}, an interrupted save")
         if (target / MANIFEST).is_file():
             return target
-        raise CheckpointError(f"{latest} points at {target}, which has no {MANIFEST}")
+        raise CorruptCheckpointError(f"{latest} points at {target}, which has no {MANIFEST}")
     raise CheckpointError(f"{path}: not a checkpoint (no {MANIFEST}) and no 'latest' file")
 
 
@@ -393,39 +414,57 @@ def read_manifest(path: str | Path) -> dict:
     try:
         manifest = json.loads((ckpt / MANIFEST).read_text())
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{ckpt / MANIFEST}: not valid JSON ({e.msg})") from None
+        raise CorruptCheckpointError(f"{ckpt / MANIFEST}: not valid JSON ({e.msg})") from None
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
         version = manifest.get("format_version") if isinstance(manifest, dict) else None
-        raise CheckpointError(f"{ckpt / MANIFEST}: format_version {version} != {FORMAT_VERSION}")
+        raise CorruptCheckpointError(f"{ckpt / MANIFEST}: format_version {version} != "
+                                     f"{FORMAT_VERSION}")
     for key in ("step", "layout", "files"):
         if key not in manifest:
-            raise CheckpointError(f"{ckpt / MANIFEST}: no {key!r} entry")
+            raise CorruptCheckpointError(f"{ckpt / MANIFEST}: no {key!r} entry")
     return manifest
 
 
-def _file_error(ckpt: Path, rel: str, info: dict) -> str:
+def file_error(ckpt: Path, rel: str, info: dict, checksum: bool = True) -> str:
+    """What is wrong with file ``rel`` of ``ckpt`` against its manifest entry ``info`` ("" if
+    nothing): missing, another size (stat only), or (``checksum``) another sha256."""
     p = ckpt / rel
     if not p.is_file():
         return f"{p}: missing (listed in the manifest)"
-    if p.stat().st_size != info["bytes"] or sha256(p) != info["sha256"]:
+    size = p.stat().st_size
+    if size != info["bytes"]:
+        return f"{p}: {size} bytes, its manifest says {info['bytes']} (truncated or replaced)"
+    if checksum and sha256(p) != info["sha256"]:
         return f"{p}: does not match its manifest checksum"
     return ""
+
+
+def check_sizes(path: str | Path) -> dict:
+    """The manifest of a checkpoint whose every listed file is present with its size (stat
+    only: cheap); CorruptCheckpointError naming the first file that is not."""
+    ckpt = resolve(path)
+    manifest = read_manifest(ckpt)
+    for rel, info in manifest["files"].items():
+        error = file_error(ckpt, rel, info, checksum=False)
+        if error:
+            raise CorruptCheckpointError(error)
+    return manifest
 
 
 def verify(path: str | Path) -> None:
     """Check every file against the manifest's size and sha256 (this process alone)."""
     ckpt = resolve(path)
     for rel, info in read_manifest(ckpt)["files"].items():
-        error = _file_error(ckpt, rel, info)
+        error = file_error(ckpt, rel, info)
         if error:
-            raise CheckpointError(error)
+            raise CorruptCheckpointError(error)
 
 
 def _verify_collective(ckpt: Path, manifest: dict) -> None:
     """``verify`` split over the ranks (rank r hashes every world-th file); all raise alike."""
     items = sorted(manifest["files"].items())[C.rank()::C.world()]
-    error = next((e for e in (_file_error(ckpt, rel, info) for rel, info in items) if e), "")
-    C.raise_if_any(C.all_gather_object(error), CheckpointError)
+    error = next((e for e in (file_error(ckpt, rel, info) for rel, info in items) if e), "")
+    C.raise_if_any(C.all_gather_object(error), CorruptCheckpointError)
 
 
 def _load_weights(ckpt: Path, manifest: dict, model: torch.nn.Module,

@@ -108,9 +108,10 @@ EXIT_STATUS_FILE = "exit_status.json"
 
 def write_exit_status(run_dir: str, exit_code: int, step: int) -> None:
     """``run_dir/exit_status.json``: how the trainer ended, for launchers that cannot see its
-    exit code (torchrun turns every worker failure into 1). Written atomically by rank 0."""
+    exit code (torchrun turns every worker failure into 1). Written atomically by rank 0 (and
+    by any rank that ends on bad input: each through its own temporary file)."""
     path = Path(run_dir) / EXIT_STATUS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"exit_code": exit_code, "step": step, "time": time.time()}) + "\n")
     os.replace(tmp, path)

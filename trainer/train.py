@@ -4,7 +4,9 @@
 The command line only: the loop is trainer/trainer.py. Runs as one process, under torchrun,
 srun or mpirun (see trainer/distributed/launch.py). Bad configs and layouts fail before any
 heavy import (torch included), with one line naming the problem (local shards of
-data.train_urls / data.eval_urls that do not exist too). ``--print-config`` prints the resolved
+data.train_urls / data.eval_urls that do not exist too); what can only be found once the run
+has started (a ``checkpoint.save_dir`` holding no usable checkpoint, data that gives no batch)
+ends it the same way. ``--print-config`` prints the resolved
 config with every key's type, default and doc. Exit codes: trainer/signals.py ``EXIT_CODES``.
 """
 from __future__ import annotations
@@ -99,7 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     setup_logging(launch.rank)  # INFO from rank 0; known-benign dependency messages filtered
-    result = run(cfg, launch, layout, signals)
+    from trainer.trainer import BAD_INPUT_ERRORS, bad_input_exit
+    try:
+        result = run(cfg, launch, layout, signals)
+    except BAD_INPUT_ERRORS as e:  # found after the start: no usable checkpoint, no data
+        return bad_input_exit(e, cfg.run_dir, launch.rank)
     import torch.distributed as dist
     if dist.is_initialized():
         dist.destroy_process_group()

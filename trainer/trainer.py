@@ -3,8 +3,10 @@
     trainer = Trainer(cfg, launch, layout)     # process groups, model, optimizer, data, resume
     result = trainer.train()                   # {"losses", "evals", "exit_code", "step"}
 
-Where a run starts: ``checkpoint.save_dir/latest`` when it exists (a restarted or requeued
-job continues exactly: model, optimizer, schedule, RNG, data position), else
+Where a run starts: ``checkpoint.save_dir`` when it holds checkpoints (a restarted or requeued
+job continues exactly: model, optimizer, schedule, RNG, data position; from ``latest``, or
+the newest checkpoint that verifies when ``latest`` is unusable: trainer/resume.py; none
+usable is an error, never a fresh start, unless ``checkpoint.resume=false``), else
 ``checkpoint.load`` (weights only), else ``checkpoint.upcycle_from`` (a dense checkpoint made
 MoE), else a fresh model. ``train()`` returns exit code 0 (done), 3 (``EXIT_REQUEUE``: stopped
 by SIGUSR1/SIGTERM after saving) or 4 (``EXIT_NONFINITE``: too many non-finite steps in a row).
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -22,10 +25,11 @@ from pathlib import Path
 import torch
 
 import kernels
-from trainer import checkpoint, optim, step as S
+from trainer import checkpoint, optim, resume as R, step as S
 from trainer.config import Config, config_to_dict
 from trainer.data import build_tokenizer
 from trainer.data.batches import Batches, to_device
+from trainer.data.counters import NoDataError
 from trainer.distributed import init_distributed
 from trainer.distributed.device import default_device
 from trainer.distributed.grads import clip_grads, finalize_grads, wrap_ddp, zero_grads
@@ -38,25 +42,35 @@ from trainer.eval.sets import eval_sets, prefixed
 from trainer.metrics import (MetricsLogger, backend_calls, expert_calls, model_flops_per_sample,
                              moe_layer_stats, peak_flops)
 from trainer.models.build import build_for_training
-from trainer.signals import EXIT_NONFINITE, EXIT_REQUEUE, StopSignals, stop_signals_blocked
+from trainer.signals import (EXIT_NONFINITE, EXIT_REQUEUE, StopSignals, stop_signals_blocked,
+                             write_exit_status)
 
 log = logging.getLogger("upclip")
 
+# Bad input found once the run has started: one line, exit 2, no requeue.
+BAD_INPUT_ERRORS = (R.ResumeError, NoDataError)
+
+
+def bad_input_exit(error: Exception, run_dir: str, rank: int) -> int:
+    """Print ``error: ...`` (a ResumeError, raised alike on every rank: from rank 0 only) and
+    return 2, also recorded in run_dir/exit_status.json for the torchrun launch path, whose
+    exit code is 1 whatever the workers' (slurm/launch.sh must not requeue bad input)."""
+    if rank == 0 or not isinstance(error, R.ResumeError):
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    write_exit_status(run_dir, 2, 0)
+    return 2
+
 
 def initial_model(cfg: Config, layout: ParallelLayout):
-    """(model, checkpoint to resume from or None): see the module docstring."""
-    resume = None
-    if cfg.checkpoint.resume and cfg.checkpoint.save_dir:
-        try:
-            resume = checkpoint.resolve(cfg.checkpoint.save_dir)
-        except checkpoint.CheckpointError:
-            resume = None
-    if resume is None and cfg.checkpoint.upcycle_from:
+    """(model, checkpoint root to resume from or None): see the module docstring."""
+    ck = cfg.checkpoint
+    resume = R.resume_root(ck.save_dir, ck.resume) if ck.save_dir else None
+    if resume is None and ck.upcycle_from:
         from trainer.upcycle import upcycle_model
         return upcycle_model(cfg.checkpoint.upcycle_from, cfg, layout), None
     model = build_for_training(cfg, layout)
-    if resume is None and cfg.checkpoint.load:
-        checkpoint.load_model(cfg.checkpoint.load, model, layout)
+    if resume is None and ck.load:
+        checkpoint.load_model(ck.load, model, layout)
     return model, resume
 
 
@@ -206,7 +220,8 @@ class Trainer:
         rec = {**out, "lr": r.lr, "grad_norm": r.norm, "step_time": r.seconds,
                "samples_per_s": rate,
                "logit_scale": float(self.model.logit_scale.detach().exp()),
-               "skipped_steps": self.state["skipped_steps"], "data_skipped": self.batches.skipped()}
+               "skipped_steps": self.state["skipped_steps"], "data_skipped": self.batches.skipped(),
+               "data_shards_failed": self.batches.shards_failed()}
         if self.peak:
             rec["mfu"] = self.flops * rate / (self.peak * layout.world_size)
         if moe:
@@ -252,9 +267,9 @@ class Trainer:
                 train_state=dict(self.state, step=step, data_position=position),
                 rank_state={"rng": rng_state()}, keep_last=self.cfg.checkpoint.keep_last)
 
-    def resume(self, path: Path) -> None:
-        manifest, rank_state = checkpoint.load_checkpoint(path, self.model, self.layout,
-                                                          optimizer=self.optimizer)
+    def resume(self, root: Path) -> None:
+        path, manifest, rank_state = R.load_newest_good(root, self.model, self.layout,
+                                                        optimizer=self.optimizer)
         train_state = dict(manifest.get("train_state") or {})
         position = train_state.pop("data_position", None)
         self.state.update(train_state)

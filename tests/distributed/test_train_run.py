@@ -21,6 +21,9 @@
   train_dump_eval.py: before + after = the uninterrupted epoch, none twice).
 - SIGUSR1 to one rank: both ranks finish the step, save, exit with EXIT_REQUEUE (3); the
   restarted job continues to the same losses (1e-6).
+- Broken checkpoints (``latest`` naming a missing directory, a step without its manifest, one
+  with a truncated shard file): the job resumes from the newest that verifies, to the same
+  losses (1e-6); a save_dir with none usable ends the run with one line, exit 2.
 - One process: SIGUSR1 gives exit code 3 (rerun with a smaller train.steps: one line saying
   the checkpoint already reaches it, exit 0, no step); a run whose loss goes non-finite skips
   its steps and aborts with exit code 4 after train.max_nonfinite_steps.
@@ -115,7 +118,8 @@ def runs(shards, tmp_path_factory):
     # the MoE phase also logs to W&B offline (test_wandb_offline_run_of_rank_0)
     rc, out = finish(launch(overrides(shards, base / "moe", **{
         "checkpoint.upcycle_from": dense_ckpt, "checkpoint.save_every": 2,
-        "train.wandb.project": "upclip-ci"}), dump_eval=True, env=WANDB_OFFLINE))
+        "train.wandb.project": "upclip-ci",
+        "checkpoint.keep_last": 0}), dump_eval=True, env=WANDB_OFFLINE))  # keep all: fallback test
     assert rc == 0, out[-4000:]
     (base / "moe.log").write_text(out)
     return base, dense_ckpt
@@ -286,6 +290,35 @@ def test_data_position_survives_dp2_to_dp1(runs, shards, tmp_path):
     assert sorted(seen) == epoch, (len(seen), len(set(seen)))
 
 
+def test_resume_falls_back_past_broken_checkpoints(runs, shards, tmp_path):
+    """The reference run's checkpoints, broken three ways at once: ``latest`` names a step
+    that does not exist, step 6 lost its manifest, step 4 has a truncated shard file. The same
+    command resumes from step 2, the newest that verifies, with one warning naming the three
+    problems, and every later step's loss equals the uninterrupted run's (1e-6)."""
+    base, dense_ckpt = runs
+    ckpt = tmp_path / "ckpt"
+    for step in (2, 4, 6):
+        shutil.copytree(base / f"moe/ckpt/step_{step:08d}", ckpt / f"step_{step:08d}")
+    (ckpt / "latest").write_text("step_00000008\n")
+    (ckpt / "step_00000006/manifest.json").unlink()
+    shard = sorted((ckpt / "step_00000004/optimizer").glob("*.distcp"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    args = overrides(shards, tmp_path, **{"checkpoint.upcycle_from": dense_ckpt,
+                                          "checkpoint.save_every": 2})
+    rc, out = finish(launch(args))
+    assert rc == 0, out[-4000:]
+    warnings = [ln for ln in out.splitlines() if "the newest checkpoint that verifies" in ln]
+    assert len(warnings) == 1, out[-4000:]
+    assert (f"resuming from {ckpt / 'step_00000002'}" in warnings[0]
+            and "step_00000008, which does not exist" in warnings[0]
+            and "step_00000006: no manifest.json" in warnings[0]
+            and f"{shard}: " in warnings[0] and "its manifest says" in warnings[0]), warnings[0]
+    assert f"resumed from {ckpt / 'step_00000002'} at step 2" in out, out[-4000:]
+    ref, got = losses(base / "moe"), losses(tmp_path)
+    assert sorted(got) == list(range(3, STEPS + 1)), got
+    assert max(abs(got[s] - ref[s]) for s in got) <= 1e-6, (got, ref)
+
+
 def test_sigusr1_saves_and_requeues(runs, shards, tmp_path):
     base, dense_ckpt = runs
     args = overrides(shards, tmp_path, **{"checkpoint.upcycle_from": dense_ckpt})
@@ -327,6 +360,23 @@ def test_single_process_exit_codes(tmp_path):
             "(raise train.steps to continue)") in out, out[-3000:]
     assert "done: step" not in out
     assert (tmp_path / "sig/metrics.jsonl").read_text() == rows_before
+    # a save_dir whose checkpoints are all unusable: one line naming them, exit 2, no fresh
+    # start (it used to train from step 1 and let keep_last prune what was there)
+    bad = tmp_path / "bad/ckpt/step_00000003"
+    shutil.copytree(tmp_path / f"sig/ckpt/step_{saved:08d}", bad)
+    (bad / "manifest.json").unlink()
+    (bad.parent / "latest").write_text("step_00000003\n")
+    rc, out = finish(single([f"run_dir={tmp_path / 'bad'}", f"checkpoint.save_dir={bad.parent}",
+                             "train.steps=5", "checkpoint.keep_last=1"]))
+    errors = [ln for ln in out.splitlines() if ln.startswith("error:")]
+    assert rc == 2 and len(errors) == 1 and "Traceback" not in out, out[-3000:]
+    assert errors[0] == (
+        f"error: checkpoint.save_dir='{bad.parent}' holds checkpoints but none can be resumed "
+        f"from (step directories: step_00000003): {bad}: no manifest.json (an incomplete copy "
+        "or save). Repair or move them away, or pass checkpoint.resume=false to start over "
+        "there"), errors[0]
+    assert not (tmp_path / "bad/metrics.jsonl").exists() and bad.is_dir()
+    assert json.loads((tmp_path / "bad/exit_status.json").read_text())["exit_code"] == 2
     # an absurd learning rate: the loss goes non-finite, steps are skipped, then exit 4
     rc, out = finish(single([f"run_dir={tmp_path / 'nan'}", "train.steps=50", "train.lr=1.0e+30",
                              "train.grad_clip=0", "train.max_nonfinite_steps=3"]))

@@ -6,7 +6,11 @@ and each job takes 2). Shapes are the smoke config's at batch 32 for 12 steps, e
   - a job sent USR1 mid-run saves, exits 3, is requeued by the script, resumes and finishes:
     every step 1..12 logged exactly once, losses equal the uninterrupted job's (1e-6 abs);
   - the same with LAUNCHER=torchrun (one torchrun per node), where the requeue decision comes
-    from run_dir/exit_status.json.
+    from run_dir/exit_status.json;
+  - a task killed with SIGKILL mid-run (the OOM killer, a lost node): the script requeues the
+    crashed job, which resumes from the last checkpoint to the same losses (1e-6 abs);
+  - bad input found by the trainer (no shard of data.train_urls readable: exit 2) is not
+    requeued; each attempt's outcome is in run_dir/launch/attempts.log.
 SLURM holds a requeued job for ~2 minutes before it may start again (its BeginTime); the test
 releases it at once with `scontrol update StartTime=now`, as an admin could.
 """
@@ -21,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from distributed.launcher import ROOT, clean_env
@@ -177,3 +182,59 @@ def test_torchrun_launcher_requeues_and_resumes(cluster, uninterrupted):
     assert "torch.distributed.run" in (run_dir / "launch/attempts.log").read_text()
     assert "trainer status 3" in out.read_text()
     assert_requeued_and_equal(info, run_dir, out, steps_logged(uninterrupted[2]), steps)
+
+
+def task_pid(job: str, rank: int) -> int:
+    """The pid of the job's task of global rank ``rank`` (the node is this machine), not one
+    of its data workers (forked: same command line and environment)."""
+    for p in psutil.process_iter(["pid"]):
+        try:
+            env = p.environ()
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+        if env.get("SLURM_JOB_ID") == job and env.get("SLURM_PROCID") == str(rank) \
+                and "trainer.train" in " ".join(p.cmdline()) \
+                and "trainer.train" not in " ".join(p.parent().cmdline()):  # not a data worker
+            return p.pid
+    raise LookupError(f"no task of rank {rank} in job {job}")
+
+
+def test_sigkill_of_a_task_requeues_and_resumes(cluster, uninterrupted):
+    env, d = cluster
+    run_dir, out = d / "run_d", d / "d.out"
+    job = submit(env, out, *TRAIN, RUN_DIR=str(run_dir))
+    deadline = time.time() + 180
+    while not any(s >= 6 for s, _ in steps_logged(run_dir)):  # after the step-4 save
+        assert time.time() < deadline and job_info(env, job).get("JobState") in (
+            "PENDING", "RUNNING"), (job_info(env, job), out.read_text()[-3000:])
+        time.sleep(0.5)
+    os.kill(task_pid(job, 1), 9)
+    info = wait(env, job, out)
+    text = out.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, text[-4000:])
+    assert info["Restarts"] == "1", info
+    attempts = (run_dir / "launch/attempts.log").read_text()
+    assert "attempt 1 ended: crashed (srun exit" in attempts and ": requeued" in attempts, attempts
+    assert "attempt 2 ended: done" in attempts, attempts
+    assert "resumed from" in text, text[-4000:]
+    # steps after the last save ran twice (before the kill and after the resume): the later
+    # value counts, and it equals the uninterrupted job's
+    logged = dict(steps_logged(run_dir))
+    assert sorted(logged) == list(range(1, STEPS + 1)), logged
+    ref = dict(steps_logged(uninterrupted[2]))
+    for s, loss in logged.items():
+        assert abs(loss - ref[s]) <= 1e-6, (s, loss, ref[s], loss - ref[s])
+
+
+def test_bad_input_exit_2_is_not_requeued(cluster):
+    env, d = cluster
+    run_dir, out = d / "run_e", d / "e.out"
+    job = submit(env, out, *TRAIN, "data.train_urls=pipe:cat /nonexistent/x-{0..3}.tar",
+                 RUN_DIR=str(run_dir))
+    info = wait(env, job, out)
+    text = out.read_text()
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", (info, text[-4000:])
+    assert info["Restarts"] == "0" and "requeueing" not in text, (info, text[-4000:])
+    assert "no shard could be read" in text and "Traceback" not in text, text[-4000:]
+    attempts = (run_dir / "launch/attempts.log").read_text()
+    assert "attempt 1 ended: bad input (exit 2): not requeued" in attempts, attempts

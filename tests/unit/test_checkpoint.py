@@ -155,6 +155,12 @@ def test_keep_last(tmp_path, dist1):
     (root / "step_00000009").mkdir()  # incomplete (no manifest): not ours to delete
     save(6, 1)
     assert names() == ["step_00000006", "step_00000009"]
+    # a resume fell back from complete later steps (8, 9: corrupt, say) to 6: they hold no
+    # keep_last slot, so step 6 stays beside the new step 7, and they are left alone
+    save(8, 0)
+    (root / "step_00000009" / "manifest.json").write_text("{}")
+    save(7, 2)
+    assert names() == ["step_00000006", "step_00000007", "step_00000008", "step_00000009"]
 
 
 CRASH = """

@@ -154,3 +154,50 @@ def test_counters_log_sparsely(caplog):
     assert caplog.text.count("corrupt_image") == 4  # 1, 2, then 10 and 100
     with pytest.raises(KeyError):
         c.record("not_a_reason")
+
+
+def _batches(spec: str, workers: int, layout, **kw):
+    from trainer.config import Config
+    from trainer.data.batches import Batches
+
+    cfg = Config()
+    cfg.data = _cfg([spec], workers)
+    for k, v in kw.items():
+        setattr(cfg.data, k, v)
+    return Batches(cfg, layout, None)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_failing_remote_shards_are_counted(bad_urls, tmp_path, workers, dist1):
+    """pipe: shards that fail (a command that prints nothing and exits 1, a stream that is not
+    a tar) are skipped and counted; the readable one trains."""
+    full = Path(bad_urls[0]).with_name("full.tar")
+    (tmp_path / "text.txt").write_text("not a tar" * 100)
+    spec = f"pipe:cat {full}::pipe:cat /nonexistent/x-{{0..1}}.tar::pipe:cat {tmp_path}/text.txt"
+    b = _batches(spec, workers, dist1)
+    keys = [k for _ in range(3) for k in b.next(1)[0]["keys"]]  # 6 samples, batches of 2
+    assert sorted(keys) == [f"ok{i}" for i in range(6)]
+    assert b.shards_failed() == 3 and b.loader.counters["shard_read_error"] == 3
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_epoch_without_a_readable_shard_is_one_line_naming_the_spec(tmp_path, workers, dist1):
+    """Every shard fails: NoDataError (trainer.train: exit 2, `error: <this line>`), not an
+    endless loop nor a traceback of the data workers."""
+    from trainer.data.counters import NoDataError
+
+    (tmp_path / "garbage.tar").write_bytes(b"this is not a tar file at all" * 40)
+    spec = f"pipe:cat /nonexistent/x-{{0..2}}.tar::{tmp_path}/garbage.tar"
+    with pytest.raises(NoDataError) as e:
+        _batches(spec, workers, dist1).next(1)
+    assert str(e.value) == (
+        f"data.train_urls={spec!r} on data rank 0: no shard could be read in epoch 1 (4 failed: "
+        "shard_read_error=4; the first failures are logged above)")
+    # resampled: the endless draw gives up after 1000 shards in a row without a sample; in a
+    # worker process too (torch wraps the worker's traceback into the message: unwrapped)
+    with pytest.raises(NoDataError) as e:
+        _batches(f"{tmp_path}/garbage.tar", workers, dist1, resampled=True,
+                 batches_per_epoch=4).next(1)
+    assert str(e.value) == (
+        f"data.train_urls='{tmp_path}/garbage.tar' on data rank 0: 1000 shards in a row yielded "
+        f"no sample (last: {tmp_path}/garbage.tar; shard_read_error=1000)")

@@ -30,6 +30,7 @@ LAYERS = [
     (5, "models", ("trainer.models", "trainer.hub")),
     (6, "optim, step, checkpoint", ("trainer.optim", "trainer.step", "trainer.step_cache",
                                     "trainer.checkpoint", "trainer.reshard", "trainer.metrics",
+                                    "trainer.resume",
                                     "trainer.wandb_logger")),
     (7, "eval, export", ("trainer.eval", "trainer.export", "trainer.upcycle",
                          "trainer.remote_code", "trainer.model_card")),

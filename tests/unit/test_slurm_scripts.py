@@ -59,6 +59,11 @@ def test_dry_run_torchrun_and_mpi_knobs(dense):
     cmd = out.stdout.splitlines()[-1]
     assert "--nodes=4 --ntasks=4 --ntasks-per-node=1 --cpus-per-task=96" in cmd, cmd
     assert "--nnodes=4 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=node7:1234" in cmd
+    # torchrun's own restarts are off unless asked for: it would restart exits 2, 3 and 4 too
+    assert "--rdzv-id=0 --max-restarts=0 -m trainer.train" in cmd, cmd
+    out = run("slurm/upcycle_b16.sh", "--dry-run", f"checkpoint.upcycle_from={dense}",
+              "data.train_urls=d", LAUNCHER="torchrun", TORCHRUN_MAX_RESTARTS="2")
+    assert "--max-restarts=2 -m trainer.train" in out.stdout.splitlines()[-1], out.stdout
     out = run("slurm/smoke.sh", "--dry-run", SRUN_MPI="pmix", SMOKE_DATA="/d")
     cmd = out.stdout.splitlines()[-1]
     assert "--cpus-per-task=1 --mpi=pmix " in cmd and "data.train_urls=/d/fmnist-train" in cmd

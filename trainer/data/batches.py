@@ -7,6 +7,7 @@ import logging
 import torch
 
 from trainer.config import Config
+from trainer.data.counters import SHARD_FAILURES, NoDataError
 from trainer.data.normalize import normalize_on_device
 from trainer.data.pipeline import build_train_loader
 from trainer.data.position import data_position
@@ -51,15 +52,28 @@ class Batches:
         return [self._one() for _ in range(self.cfg.train.num_microbatches)]
 
     def _one(self) -> dict:
+        d = self.cfg.data
+        where = f"data.train_urls={d.train_urls!r} on data rank {self.layout.dp_rank}"
         for _ in range(2):
             if self._it is None:
+                before = self.loader.counters
                 self._it = iter(self.loader)
-            batch = next(self._it, None)
+            try:
+                batch = next(self._it, None)
+            except NoDataError as e:  # resampled: a long run of shards without a sample
+                raise NoDataError(f"{where}: {e}") from None
             if batch is not None:
                 return batch
             self._it = None  # the epoch ended: the next iter() starts the next one
-        raise RuntimeError(f"data rank {self.layout.dp_rank}: an epoch of data.train_urls="
-                           f"{self.cfg.data.train_urls!r} gave no batch")
+        epoch = self.loader.counters.minus(before)
+        failed = sum(epoch[r] for r in SHARD_FAILURES)
+        if failed and not epoch["samples_ok"]:
+            raise NoDataError(f"{where}: no shard could be read in epoch {self.loader.epoch - 1} "
+                              f"({failed} failed: {epoch.summary()}; the first failures are "
+                              f"logged above)")
+        raise NoDataError(f"{where}: epoch {self.loader.epoch - 1} gave no batch "
+                          f"({epoch.summary()}; data.batch_size={d.batch_size}, "
+                          f"data.drop_last={d.drop_last})")
 
     def position(self) -> dict | None:
         """Collective over the data-parallel group: the job's data position (every DP rank's
@@ -93,6 +107,10 @@ class Batches:
 
     def skipped(self) -> int:
         return 0 if self.loader is None else self.loader.counters.skipped()
+
+    def shards_failed(self) -> int:
+        """Shards of this rank that failed to open or read since the run started."""
+        return 0 if self.loader is None else sum(self.loader.counters[r] for r in SHARD_FAILURES)
 
 
 def to_device(batch: dict, device, cfg: Config) -> dict:

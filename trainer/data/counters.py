@@ -2,6 +2,8 @@
 
 Reasons ending in a sample being skipped are in SKIP_REASONS; the others repair or trim a
 sample that still trains (a clamped box, a malformed JSON whose caption came from .txt, ...).
+When nothing is left to train on (an epoch in which no shard could be read), the data raises
+NoDataError: bad input (the trainer exits 2 with its one line), not a crash.
 """
 from __future__ import annotations
 
@@ -33,6 +35,14 @@ FIX_REASONS = {
 REASONS = {**SKIP_REASONS, **FIX_REASONS}
 # routine events of augmentation, logged at debug level only
 QUIET_REASONS = {"box_cropped_away", "regions_truncated"}
+
+
+class NoDataError(RuntimeError):
+    """The data gave nothing to train on: every shard of an epoch failed to open or read, or
+    the samples that were read do not make one batch."""
+
+
+SHARD_FAILURES = ("shard_open_error", "shard_read_error")
 
 
 class DataCounters:
@@ -70,6 +80,10 @@ class DataCounters:
         for o in others:
             out.update(o.counts if isinstance(o, DataCounters) else o)
         return DataCounters(dict(out))
+
+    def minus(self, earlier: "DataCounters") -> "DataCounters":
+        """The counts since ``earlier`` (a copy of these counters taken before)."""
+        return DataCounters({k: v - earlier[k] for k, v in self.counts.items() if v - earlier[k]})
 
     def summary(self) -> str:
         d = self.as_dict()

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from trainer.data.collate import SampleProcessor
 from trainer.data.config import DataConfig
-from trainer.data.counters import DataCounters
+from trainer.data.counters import DataCounters, NoDataError
 from trainer.data.eval_transform import ReferenceEvalTransform
 from trainer.data.position import (DATA_KEYS, EpochCarry, ShardItem, carry_after, epoch_items,
                                    slot_items, slot_seed)
@@ -165,6 +165,8 @@ class ShardLoader:
                         got = next(it)
                     except StopIteration:
                         raise RuntimeError(f"data worker {w} stopped without its end marker") from None
+                    except NoDataError as e:  # torch put the worker's traceback in the message
+                        raise NoDataError(str(e).strip().rsplit("NoDataError: ", 1)[-1]) from None
                     pending[got["worker"]].append(got)
                 return pending[w].popleft()
 

@@ -22,7 +22,7 @@ from typing import Iterator
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
-from trainer.data.counters import DataCounters
+from trainer.data.counters import DataCounters, NoDataError
 
 
 def mix_seed(*parts: object) -> int:
@@ -390,8 +390,8 @@ class SampleStream:
             self.n_read = idx
             empty_run = 0 if count else empty_run + 1
             if empty_run >= self.max_empty_shards:
-                raise RuntimeError(f"{empty_run} shards in a row yielded no sample (last: {url}); "
-                                   "check data.train_urls")
+                raise NoDataError(f"{empty_run} shards in a row yielded no sample (last: {url}; "
+                                  f"{self.counters.summary()})")
 
     def __iter__(self) -> Iterator[tuple[int, dict]]:
         rng = random.Random(mix_seed("buffer", self.seed))

@@ -224,7 +224,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     setup_logging(launch.rank)  # as trainer.train: INFO from rank 0, known-benign filtered
-    code = run(plan, launch, layout, signals)
+    from trainer.trainer import BAD_INPUT_ERRORS, bad_input_exit
+    try:
+        code = run(plan, launch, layout, signals)
+    except BAD_INPUT_ERRORS as e:  # a phase's save_dir with no usable checkpoint, no data
+        return bad_input_exit(e, cfg.run_dir, launch.rank)
     import torch.distributed as dist
     if dist.is_initialized():
         dist.destroy_process_group()
