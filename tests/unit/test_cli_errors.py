@@ -12,7 +12,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def run(args, env_extra=None):
     env = dict(os.environ, PYTHONPATH=str(ROOT), **(env_extra or {}))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+    # no launch variables: a session dist1 group of this pytest process set MASTER_PORT and
+    # holds that port (a child that starts a group would fail with EADDRINUSE)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     env.update(env_extra or {})
     t = time.time()
