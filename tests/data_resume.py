@@ -6,6 +6,12 @@ import json
 from typing import Callable
 
 
+def fingerprint(batch: dict) -> tuple:
+    """What identifies a batch: its keys, its pixels' sum, its region boxes."""
+    return (tuple(batch["keys"]), round(float(batch["images"].double().sum()), 6),
+            tuple(batch["region_boxes"].flatten().tolist()))
+
+
 def stop_and_resume(build: Callable, stop: int, fingerprint: Callable) -> tuple[list, dict, object]:
     """(fingerprints of the first `stop` batches then of the rest of the epoch after a resume,
     the serialised state at the stop, the resumed loader). ``build()`` makes a fresh loader."""

@@ -7,7 +7,7 @@ import zlib
 
 import psutil
 import pytest
-from data_resume import stop_and_resume
+from data_resume import fingerprint as _fp, stop_and_resume
 
 from trainer.data.config import DataConfig
 from trainer.data.pipeline import build_train_loader
@@ -25,11 +25,6 @@ def _cfg(pattern: str, labels: str = "", **kw) -> DataConfig:
     for k, v in kw.items():
         setattr(cfg, k, v)
     return cfg
-
-
-def _fp(batch: dict) -> tuple:
-    return (tuple(batch["keys"]), round(float(batch["images"].double().sum()), 6),
-            tuple(batch["region_boxes"].flatten().tolist()))
 
 
 @pytest.fixture(scope="module")

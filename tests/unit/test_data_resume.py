@@ -13,6 +13,7 @@ from trainer.data.pipeline import build_train_loader
 from trainer.data.sources import synthetic_scenes
 from trainer.data.stream import replay_buffer
 from trainer.data.writer import write_shards
+from data_resume import fingerprint
 
 N, SHARD = 40, 5  # 8 shards
 
@@ -33,17 +34,12 @@ def _cfg(pattern: str, **kw) -> DataConfig:
     return cfg
 
 
-def _fingerprint(batch: dict) -> tuple:
-    return (tuple(batch["keys"]), round(float(batch["images"].double().sum()), 6),
-            tuple(batch["region_boxes"].flatten().tolist()))
-
-
 def _run(cfg: DataConfig, total: int, rank: int, world: int, stop_at: int | None = None) -> list:
     loader = build_train_loader(cfg, rank, world)
     seen: list = []
     while len(seen) < total:
         for batch in loader:
-            seen.append(_fingerprint(batch))
+            seen.append(fingerprint(batch))
             if len(seen) == stop_at:  # "crash": keep only the serialised state
                 state = json.loads(json.dumps(loader.state_dict()))
                 loader = build_train_loader(cfg, rank, world)
