@@ -175,6 +175,8 @@ def evaluate_export(cfg: Config, sets: list, directory: str, sweep=None) -> dict
     model = hub.load(directory, device=device)
     tokenizer = hub.load_tokenizer(directory)
 
+    grounding = getattr(getattr(model, "prompter", None), "grounding", False)
+
     def one(cfg: Config) -> dict:
         tasks = tuple(cfg.eval.tasks)
         a = cfg.data.augment
@@ -182,7 +184,8 @@ def evaluate_export(cfg: Config, sets: list, directory: str, sweep=None) -> dict
             emb = embed_plain(model, eval_batches(cfg, 0, 1, tokenizer), device,
                               text="retrieval" in tasks or "regions" in tasks,
                               regions="regions" in tasks and hasattr(model, "prompter"),
-                              mean=a.mean, std=a.std)
+                              mean=a.mean, std=a.std,
+                              ground="regions" in tasks and grounding)  # CLOC grounding acc.
             return compute_metrics(emb, cfg, model.encode_text, tokenizer, device, tasks)
 
     return _evaluate(model, cfg, sweep, lambda: run_sets(sets, one))

@@ -22,8 +22,7 @@ from trainer.config_cli import named_configs, resolve_config_path
 from trainer.config_docs import did_you_mean, get_dotted
 from trainer.data.config import DataConfig, DataConfigError
 from trainer.dmu.config import DMUConfig, DMUConfigError
-from trainer.eval.config import (EVAL_TASKS, NAMED_CLASSNAMES, NAMED_TEMPLATES,  # noqa: F401
-                                 EvalConfig, EvalSetConfig)
+from trainer.eval.config import EvalConfig
 from trainer.moe.config import MoEConfig, MoEConfigError
 from trainer.models.presets import MODEL_PRESETS
 
@@ -310,9 +309,6 @@ class CheckpointConfig:
                                   f"(neither {path / 'manifest.json'} nor {path / 'latest'})")
 
 
-# Built-in class-name and template sets (trainer/eval/names.py takes them from
-# open_clip.zero_shot_metadata at run time; this module imports no open_clip). A unit test
-# keeps the two equal.
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)  # architecture: towers, MoE, prompter

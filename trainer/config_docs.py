@@ -136,10 +136,6 @@ def key_table(cls: type) -> dict[str, KeyInfo]:
     return {info.key: info for info in iter_keys(cls)}
 
 
-def leaf_keys(cls: type) -> list[str]:
-    return [k for k, info in key_table(cls).items() if not info.is_section]
-
-
 def did_you_mean(key: str, name: str, here: list[str], root: type) -> list[str]:
     """Likely meant keys for the unknown ``key`` (last part ``name``): close names at the same
     level, then keys of that exact name elsewhere (``train.batch_size`` -> ``data.batch_size``)."""
@@ -153,8 +149,18 @@ def did_you_mean(key: str, name: str, here: list[str], root: type) -> list[str]:
 
 # --------------------------------------------------------------------------- YAML printing
 
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
 def yaml_value(value: Any) -> str:
-    """``value`` as one line of YAML flow style (what a user would type after ``key:``)."""
+    """``value`` as one line of YAML flow style (what a user would type after ``key:``);
+    dataclass values (the sets of ``eval.sets``) as their fields."""
+    value = _plain(value)
     text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30, sort_keys=False)
     return text.removesuffix("\n...\n").strip()
 

@@ -109,7 +109,7 @@ class MoEMLP(nn.Module):
         moe = self.moe
         chosen, probs = choose(router_logits(x, self.router.weight), moe.top_k)
         capacity = None
-        if not (self.dropless or moe.dispatch == "dropless" or not moe.drop_tokens):
+        if not (self.dropless or moe.dropless):
             capacity = capacity_for(x.shape[0], moe.num_experts, moe.eval_capacity_factor,
                                     moe.top_k, moe.min_capacity, moe.capacity_rule)
         return route(probs, chosen, valid, capacity)

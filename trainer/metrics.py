@@ -63,7 +63,7 @@ def expert_tokens(moe, units: int, per_unit: int) -> int:
     fixed-shape dispatch computes), never more than the ``k * units`` routes that exist;
     dropless or ``drop_tokens: false``: ``k * units``."""
     routes = moe.top_k * units
-    if moe.dispatch == "dropless" or not moe.drop_tokens:
+    if moe.dropless:
         return routes * per_unit
     slots = moe.num_experts * capacity_for(units, moe.num_experts, moe.eval_capacity_factor,
                                            moe.top_k, moe.min_capacity, moe.capacity_rule)

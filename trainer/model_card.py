@@ -20,7 +20,7 @@ def _tower(name: str, t: TowerConfig, extra: str) -> str:
         layers = moe.moe_layers(t.layers)
         line += (f"; MoE at blocks {layers}: {moe.num_experts} experts, top-{moe.top_k}, "
                  f"{moe.routing} routing, "
-                 + ("dropless" if moe.dispatch == "dropless" or not moe.drop_tokens else
+                 + ("dropless" if moe.dropless else
                     f"eval capacity factor {moe.eval_capacity_factor:g}"))
     return line
 

@@ -18,6 +18,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from trainer.io import write_atomic
+
 log = logging.getLogger("upclip")
 
 # How a trainer process ends. No torch import at module level: ``python -m trainer.train``
@@ -112,6 +114,5 @@ def write_exit_status(run_dir: str, exit_code: int, step: int) -> None:
     by any rank that ends on bad input: each through its own temporary file)."""
     path = Path(run_dir) / EXIT_STATUS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"exit_code": exit_code, "step": step, "time": time.time()}) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps({"exit_code": exit_code, "step": step, "time": time.time()})
+                 + "\n", concurrent=True)

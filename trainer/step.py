@@ -51,7 +51,7 @@ def compute_loss(out: dict, batch: dict, cfg: TrainConfig) -> tuple[torch.Tensor
     else:
         loss = clip_loss(img, txt, scale, group=group)
     metrics = {"contrastive_loss": loss.detach().clone()}
-    if "region_features" in out:
+    if "region_features" in out and cfg.region_loss_weight > 0:  # grounding alone: not needed
         region = region_text_loss(out["region_features"].float(),
                                   out["region_text_features"].float(),
                                   batch["region_mask"], scale, group=group,

@@ -42,8 +42,8 @@ from trainer.eval.sets import eval_sets, prefixed
 from trainer.metrics import (MetricsLogger, backend_calls, expert_calls, model_flops_per_sample,
                              moe_layer_stats, peak_flops)
 from trainer.models.build import build_for_training
-from trainer.signals import (EXIT_NONFINITE, EXIT_REQUEUE, StopSignals, stop_signals_blocked,
-                             write_exit_status)
+from trainer.signals import (EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_REQUEUE, StopSignals,
+                             stop_signals_blocked, write_exit_status)
 
 log = logging.getLogger("upclip")
 
@@ -57,8 +57,8 @@ def bad_input_exit(error: Exception, run_dir: str, rank: int) -> int:
     exit code is 1 whatever the workers' (slurm/launch.sh must not requeue bad input)."""
     if rank == 0 or not isinstance(error, R.ResumeError):
         print(f"error: {error}", file=sys.stderr, flush=True)
-    write_exit_status(run_dir, 2, 0)
-    return 2
+    write_exit_status(run_dir, EXIT_BAD_INPUT, 0)
+    return EXIT_BAD_INPUT
 
 
 def initial_model(cfg: Config, layout: ParallelLayout):

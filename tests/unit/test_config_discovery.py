@@ -90,7 +90,8 @@ def test_print_config_lists_every_key_with_type_default_and_doc():
 
 
 def test_print_config_round_trips(tmp_path):
-    cfg = load_config("smoke", ["train.steps=7", 'eval.templates=["a {}", "the {}"]'])
+    cfg = load_config("smoke", ["train.steps=7", 'eval.templates=["a {}", "the {}"]',
+                                "eval.sets={coco: {urls: /data/coco.tar, tasks: [retrieval]}}"])
     path = tmp_path / "printed.yaml"
     path.write_text(render_yaml(cfg, "header"))
     assert config_to_dict(load_config(path)) == config_to_dict(cfg)

@@ -21,7 +21,8 @@ import pytest
 import torch
 
 import peers
-from trainer.config import NAMED_CLASSNAMES, NAMED_TEMPLATES, ConfigError, load_config
+from trainer.config import ConfigError, load_config
+from trainer.eval.config import NAMED_CLASSNAMES, NAMED_TEMPLATES
 
 ROOT = Path(__file__).resolve().parents[2]
 

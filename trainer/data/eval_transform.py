@@ -57,8 +57,6 @@ class ReferenceEvalTransform(ImageTransform):
             left, top = int(round((new_w - S) / 2.0)), int(round((new_h - S) / 2.0))
             img = img.crop((left, top, left + S, top + S)).convert("RGB")
             pixels = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())    # [S, S, 3]
-        except SkipSample:
-            raise
         except Exception as e:  # truncated or undecodable pixels, unsupported modes
             raise SkipSample("corrupt_image", f"{type(e).__name__}: {e}") from None
         return Placement(pixels.permute(2, 0, 1), new_w / w, new_h / h, -float(left),

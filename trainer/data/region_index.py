@@ -67,7 +67,7 @@ class RegionIndex:
         for (key,) in cur:
             yield key
 
-    def close(self, remove: bool = True) -> None:
+    def close(self) -> None:
+        """Close and delete the index file."""
         self.db.close()
-        if remove:
-            self.path.unlink(missing_ok=True)
+        self.path.unlink(missing_ok=True)

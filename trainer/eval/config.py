@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 from trainer.config_base import ConfigError, quoted_list_example
 
 
+# Built-in class-name and template sets (trainer/eval/names.py takes them from
+# open_clip.zero_shot_metadata at run time; this module imports no open_clip). A unit test
+# keeps the two equal.
 NAMED_CLASSNAMES = ("imagenet",)
 NAMED_TEMPLATES = ("openai_imagenet", "simple_imagenet")
 EVAL_TASKS = ("zero_shot", "retrieval", "regions")

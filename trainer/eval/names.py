@@ -26,7 +26,7 @@ TEMPLATES_FILE = "zeroshot_classification_templates.txt"
 
 
 def builtin_classnames(name: str) -> list[str]:
-    """A built-in class-name list (config.NAMED_CLASSNAMES)."""
+    """A built-in class-name list (trainer/eval/config.py NAMED_CLASSNAMES)."""
     from open_clip import zero_shot_metadata as meta
 
     table = {"imagenet": meta.IMAGENET_CLASSNAMES}
@@ -34,7 +34,7 @@ def builtin_classnames(name: str) -> list[str]:
 
 
 def builtin_templates(name: str) -> list[str]:
-    """A built-in template list (config.NAMED_TEMPLATES) as ``{}`` format strings."""
+    """A built-in template list (trainer/eval/config.py NAMED_TEMPLATES) as ``{}`` format strings."""
     from open_clip import zero_shot_metadata as meta
 
     table = {"openai_imagenet": meta.OPENAI_IMAGENET_TEMPLATES,

@@ -86,6 +86,11 @@ class MoEConfig:
     def enabled(self) -> bool:
         return self.num_experts > 0
 
+    @property
+    def dropless(self) -> bool:
+        """No token is dropped: ragged dispatch, or capacity raised to the busiest expert."""
+        return self.dispatch == "dropless" or not self.drop_tokens
+
     def moe_layers(self, num_layers: int) -> list[int]:
         """The 0-based block indices that are MoE in a tower of ``num_layers`` blocks."""
         if not self.enabled:
