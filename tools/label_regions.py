@@ -100,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         read_model_type(args.detector)
     except (ValueError, DetectorError) as e:
         usage_error(str(e))
+    try:  # before the detector loads: a resume with other flags fails at once
+        claim_output(Path(args.out), settings_of(urls, args.detector, opts))
+    except SettingsMismatch as e:
+        usage_error(str(e))
     mine = task_shards(urls, args.task_index, args.task_count)
     todo = [u for u in mine if not done_path(Path(args.out), u).is_file()]
     tag = f"label_regions[{args.task_index}/{args.task_count}]"
@@ -113,10 +117,6 @@ def main(argv: list[str] | None = None) -> int:
             usage_error(str(e))
         print(f"{tag}: loaded detector {args.detector} ({detector.model_type}) on {device} "
               f"({args.dtype}); {len(todo)} of {len(mine)} shards to label", file=sys.stderr)
-    try:
-        claim_output(Path(args.out), settings_of(urls, args.detector, opts))
-    except SettingsMismatch as e:
-        usage_error(str(e))
     for u in mine:
         if u not in todo:
             print(f"{tag}: {u}: done already, skipped", file=sys.stderr)
