@@ -32,6 +32,8 @@ def records(path: str | Path) -> list:
             rec = pb.Record()
             rec.ParseFromString(parts)
             out.append(rec)
+    kinds = [r.WhichOneof("record_type") for r in out]
+    assert "exit" in kinds, f"{path}: run file not closed (no exit record), records: {kinds}"
     return out
 
 

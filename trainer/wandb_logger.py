@@ -43,4 +43,10 @@ class WandbLogger:
         self.run.log(scalars, step=step)
 
     def close(self) -> None:
+        import wandb
+
         self.run.finish()
+        # finish() only tells the service process the run is over; the service writes and closes
+        # the run file later. teardown() waits for the service to exit, so the offline run file
+        # is whole on disk when close() returns (a job killed right after keeps all its steps).
+        wandb.teardown()

@@ -5,6 +5,7 @@ holds exactly the scalars of metrics.jsonl (flattened as TensorBoard names them)
 holds the resolved config; a restart continues the same run id. The 2-rank trainer run
 (tests/distributed/test_train_run.py) checks the same through the real loop, rank 0 only."""
 import json
+import time
 
 import pytest
 
@@ -43,12 +44,18 @@ def test_offline_run_holds_our_scalars_and_config(tmp_path, offline):
     assert got[1]["moe/vision.1/load/1"] == 0.75 and got[2]["eval/zero_shot_top1"] == 0.5
     assert wandb_records.config(run)["model"] == {"embed_dim": 32}
 
+    # wandb names a run directory by the local second the run started (offline-run-%Y%m%d_%H%M%S-id):
+    # a restart within that second would reuse (and overwrite) the first process's file
+    stamp = run.parent.name.split("-")[2]
+    deadline = time.time() + 5
+    while time.strftime("%Y%m%d_%H%M%S") <= stamp and time.time() < deadline:
+        time.sleep(0.05)
     logger = MetricsLogger(tmp_path, True, 4, 2, tensorboard=False, progress_bar=False,
                            wandb=cfg, config=config)  # a restarted job
     logger.log(3, {"loss": 2.0})
     logger.close()
     runs = wandb_records.offline_runs(tmp_path)  # one file per process, the same run id
-    assert {r.name for r in runs} == {f"run-{run_id}.wandb"}
+    assert len(runs) == 2 and {r.name for r in runs} == {f"run-{run_id}.wandb"}
     merged = {s: m for r in runs for s, m in wandb_records.history(r).items()}
     assert sorted(merged) == [1, 2, 3] and merged[3] == {"loss": 2.0}
 
