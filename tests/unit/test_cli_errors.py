@@ -1,8 +1,9 @@
-"""A broken run fails fast (< 15 s) with one line naming the problem, no traceback."""
+"""A broken run fails with one line naming the problem, no traceback, exit 2. How fast is not
+timed here (a loaded CI host makes timings flaky); the input checks that must come before the
+heavy imports are checked by which modules the failing process imported."""
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,10 +18,20 @@ def run(args, env_extra=None):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     env.update(env_extra or {})
-    t = time.time()
-    p = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=60)
-    return p, time.time() - t
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)  # a hang guard, not a speed test
+
+# Runs a module as ``python -m`` does and writes the top-level packages of every module it
+# imported (an audit hook sees each import) to argv[1] when it exits, however it exits.
+_IMPORTS = """
+import atexit, runpy, sys
+out, module, *sys.argv[1:] = sys.argv[1:]
+seen = set()
+sys.addaudithook(lambda event, args: event == "import" and seen.add(args[0].split(".")[0]))
+atexit.register(lambda: open(out, "w").write("\\n".join(sorted(seen))))
+sys.argv[0] = module
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
 
 
 @pytest.mark.parametrize("args,env,needle", [
@@ -46,13 +57,12 @@ def run(args, env_extra=None):
       "--out", "/tmp/upclip-never"], None, "not a Hugging Face model directory"),
 ])
 def test_bad_input_one_line(args, env, needle):
-    p, seconds = run(args, env)
+    p = run(args, env)
     assert p.returncode == 2, p.stderr
     lines = [ln for ln in p.stderr.splitlines() if ln.strip() and "warn" not in ln.lower()]
     assert len(lines) == 1, p.stderr
     assert needle in lines[0]
     assert "Traceback" not in p.stderr
-    assert seconds < 15
 
 
 @pytest.mark.parametrize("key,spec,first", [
@@ -62,14 +72,16 @@ def test_bad_input_one_line(args, env, needle):
     ("data.eval_urls", "/nonexistent/e-{0..1}.tar::pipe:cat /nonexistent/r.tar",
      "2 of 2 local shards do not exist (first: /nonexistent/e-0.tar, /nonexistent/e-1.tar)"),
 ])
-def test_missing_local_shards_one_line_before_heavy_imports(key, spec, first):
-    """Checked in trainer.train's prepare, before torch/megatron: issue 21 asks < 5 s (measured
-    2.9 s here); asserted < 10 s, this CI machine being shared and loaded."""
-    p, seconds = run(["-m", "trainer.train", "--config", "configs/smoke.yaml", "parallel.ep=1",
-                      "data.train_urls=", "data.eval_urls=", f"{key}={spec}"])
+def test_missing_local_shards_one_line_before_heavy_imports(key, spec, first, tmp_path):
+    """Checked in trainer.train's prepare, before torch/megatron are imported (issue 21 asks
+    < 5 s; measured 2.9 s here, against 11 s once megatron-core is imported)."""
+    imported = tmp_path / "imported.txt"
+    p = run(["-c", _IMPORTS, str(imported), "trainer.train", "--config", "configs/smoke.yaml",
+             "parallel.ep=1", "data.train_urls=", "data.eval_urls=", f"{key}={spec}"])
     assert p.returncode == 2, p.stderr
     assert p.stderr.splitlines() == [f"error: {key}: {first}"], p.stderr
-    assert seconds < 10, seconds
+    modules = set(imported.read_text().split())
+    assert "trainer" in modules and not modules & {"torch", "megatron", "deepspeed"}, modules
 
 
 def test_check_local_shards_skips_remote_and_accepts_existing(tmp_path):
@@ -89,7 +101,7 @@ def test_no_readable_remote_shard_one_line(tmp_path):
     ends the run with one line naming the URL spec, exit 2 (recorded for the launcher), not
     the traceback it was (measured: 11 s here, most of it importing megatron-core)."""
     spec = "pipe:cat /nonexistent/x-{0..1}.tar"
-    p, seconds = run(["-m", "trainer.train", "--config", "configs/smoke.yaml", "parallel.ep=1",
+    p = run(["-m", "trainer.train", "--config", "configs/smoke.yaml", "parallel.ep=1",
                       "train.steps=3", "data.eval_urls=", f"data.train_urls={spec}",
                       "data.workers=0", f"run_dir={tmp_path}",
                       "train.progress_bar=false", "train.tensorboard=false"])
@@ -100,4 +112,3 @@ def test_no_readable_remote_shard_one_line(tmp_path):
                       "above)"], p.stderr[-3000:]
     assert "Traceback" not in p.stderr
     assert '"exit_code": 2' in (tmp_path / "exit_status.json").read_text()
-    assert seconds < 45, seconds

@@ -65,7 +65,7 @@ def test_forked_child_ignores_the_signal():
     s = StopSignals()
     try:
         ctx = mp.get_context("fork")  # data workers
-        p = ctx.Process(target=time.sleep, args=(3,))
+        p = ctx.Process(target=time.sleep, args=(60,))  # alive for the test however slow the host
         p.start()
         time.sleep(0.3)
         os.kill(p.pid, signal.SIGUSR1)
