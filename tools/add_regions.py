@@ -6,7 +6,8 @@
 
 `--regions` is JSONL, one line per sample: {"key": KEY, "regions": [{"bbox": [x0,y0,x1,y1],
 "caption": str, "score": float?}, ...]} (bbox in pixels of the stored image). Each input shard
-is rewritten under --out with the same file name; a matched sample's JSON gets the regions
+is rewritten under --out with the same file name (NAME.tar, also for a compressed
+NAME.tar.gz; two inputs of one name are refused); a matched sample's JSON gets the regions
 ("replace": instead of any it had, "append": after them), other samples are copied unchanged.
 Prints matched / unmatched counts (and writes them to OUT/add_regions.json).
 
@@ -31,7 +32,8 @@ from tools.errors import usage_error  # noqa: E402
 from trainer.data.region_index import RegionIndex  # noqa: E402
 from trainer.data.stream import read_shard  # noqa: E402
 from trainer.data.urls import expand_urls  # noqa: E402
-from trainer.data.writer import OutputExistsError, ShardSink, check_fresh_output  # noqa: E402
+from trainer.data.writer import (OutputExistsError, ShardSink, check_fresh_output,  # noqa: E402
+                                 check_output_names, output_shard_name)
 
 
 INDEX_FILE = "_regions_index.sqlite"
@@ -95,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         usage_error(str(e).splitlines()[0] if str(e) else f"--shards {args.shards}: no shards")
     try:
+        check_output_names(urls, "--shards")
+    except ValueError as e:
+        usage_error(str(e))
+    try:
         check_fresh_output(args.out)
     except OutputExistsError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -109,8 +115,7 @@ def main(argv: list[str] | None = None) -> int:
               "shard_errors": []}
     for url in tqdm(urls, desc="shards", unit="shard",
                     disable=True if args.quiet else None):  # None: only on a terminal
-        name = os.path.splitext(os.path.basename(url.split()[-1]))[0]
-        with ShardSink(args.out, file_name=f"{name}.tar") as sink:
+        with ShardSink(args.out, file_name=output_shard_name(url)) as sink:
             try:
                 for sample in read_shard(url):
                     sink.write(process(sample, labels, args.mode, report))

@@ -7,7 +7,8 @@ them from an open-vocabulary detector (OWL-ViT / OWLv2, a local transformers dir
       [--score 0.3] [--nms-iou 0.5] [--max-regions 16] [--max-phrases 8] \\
       [--task-index I --task-count N]
 
-Each input shard NAME.tar becomes OUT/NAME.tar, every sample kept, each labelled sample's JSON
+Each input shard NAME.tar (or NAME.tar.gz ...) becomes OUT/NAME.tar (two inputs of one NAME are
+refused), every sample kept, each labelled sample's JSON
 carrying {"caption", "regions": [{"bbox": [x0, y0, x1, y1], "caption": phrase, "score"}]} with
 boxes in pixels of the stored image. OUT/_done/NAME.json marks a finished shard (with its counts):
 rerunning the same command skips finished shards and redoes an interrupted one. With
@@ -89,14 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from trainer.data.vesl.detector import DetectOptions, DetectorError, RegionDetector, read_model_type
-    from trainer.data.vesl.label import (LabelOptions, SettingsMismatch, ShardLabeller, check_names,
+    from trainer.data.vesl.label import (LabelOptions, SettingsMismatch, ShardLabeller,
                                          claim_output, done_path, settings_of, summarize,
                                          task_shards, write_total_report)
+    from trainer.data.writer import check_output_names
 
     opts = LabelOptions(DetectOptions(args.score, args.nms_iou, args.max_regions, prompt=args.prompt),
                         max_phrases=args.max_phrases, batch_size=args.batch_size, mode=args.mode)
     try:
-        check_names(urls)
+        check_output_names(urls, "--shards")
         read_model_type(args.detector)
     except (ValueError, DetectorError) as e:
         usage_error(str(e))

@@ -1,4 +1,5 @@
-"""tools/make_shards.py (synthetic, Fashion-MNIST, folder) and tools/add_regions.py round trip."""
+"""tools/make_shards.py (synthetic, Fashion-MNIST, folder) and tools/add_regions.py round trip;
+the output shard name that add_regions.py and label_regions.py share (trainer/data/writer.py)."""
 from __future__ import annotations
 
 import csv
@@ -22,6 +23,7 @@ from trainer.data.schema import decode_sample
 from trainer.data.sources import FASHION_MNIST_CLASSES, FASHION_MNIST_ROOT
 from trainer.data.stream import read_shard
 from trainer.data.urls import expand_urls
+from trainer.data.writer import check_output_names, output_shard_name
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -280,3 +282,46 @@ def test_add_regions_streams_a_large_label_file(tmp_path, capsys):
     assert [r["caption"] for r in json.loads(merged[keys[0]]["json"])["regions"]] == ["first", "second"]
     assert sorted(os.listdir(tmp_path / "out")) == sorted(
         [p for p in os.listdir(src) if p.endswith(".tar")] + ["add_regions.json"])
+
+
+@pytest.mark.parametrize("url,name", [
+    ("/data/cc-000001.tar", "cc-000001.tar"),
+    ("cc-000001.tar", "cc-000001.tar"),
+    ("/data/cc-000001.tar.gz", "cc-000001.tar"),    # compressed in, plain tar out
+    ("/data/cc-000001.tar.xz", "cc-000001.tar"),
+    ("/data/cc-000001.tgz", "cc-000001.tar"),
+    ("/data/cc.v2.tar", "cc.v2.tar"),
+    ("/data/cc-000001", "cc-000001.tar"),
+    ("https://host/cc/cc-000001.tar", "cc-000001.tar"),
+    ("pipe:curl -s -L 'https://host/cc/cc-000001.tar'", "cc-000001.tar"),
+    ("pipe:cat \"cc-000001.tar\"", "cc-000001.tar"),
+])
+def test_output_shard_name(url, name):
+    assert output_shard_name(url) == name
+
+
+def test_inputs_of_one_output_name_are_refused(tmp_path, capsys):
+    """Two inputs mapping to one output would overwrite each other: refused in one line naming
+    both, by the shared check and by add_regions.py before it creates --out (label_regions.py:
+    tests/unit/test_label_regions.py)."""
+    check_output_names(["/a/x.tar", "/a/y.tar", "/b/x.tgz.tar"])  # distinct names: fine
+    with pytest.raises(ValueError) as e:
+        check_output_names(["/a/x.tar", "/a/y.tar", "/b/x.tar.gz"], "--shards")
+    assert str(e.value) == "--shards: '/a/x.tar' and '/b/x.tar.gz' would both be written as x.tar"
+    src = tmp_path / "src"
+    assert make_shards.main(["synthetic", "--count", "2", "--size", "16", "--out", str(src),
+                             "--quiet"]) == 0
+    (shard,) = [p for p in os.listdir(src) if p.endswith(".tar")]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / shard).write_bytes((src / shard).read_bytes())
+    (tmp_path / "list.txt").write_text(f"src/{shard}\nother/{shard}\n")
+    (tmp_path / "pseudo.jsonl").write_text("")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        add_regions.main(["--shards", str(tmp_path / "list.txt"), "--regions",
+                          str(tmp_path / "pseudo.jsonl"), "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert err == (f"error: --shards: '{src / shard}' and '{tmp_path / 'other' / shard}' would "
+                   f"both be written as {shard}\n")
+    assert not out.exists()

@@ -12,7 +12,10 @@
   truncated shard: every sample kept, counts per reason exact, the regions decode for
   training untouched; resume redoes only the unfinished shard (a stale .tmp is overwritten)
   and gives the same bytes; other settings into the same --out are refused;
-- bad flags: one line naming the flag, exit 2.
+- the cheap checks first: a caption-less or phrase-less sample is counted under its reason
+  with its image never decoded (corrupt bytes that would count as bad_image, a decode spy)
+  and no detector call for it;
+- bad flags (two inputs of one output name included): one line naming the flag, exit 2.
 Detectors are tiny and randomly initialised (tests/tiny_detectors.py): no weights ship.
 """
 from __future__ import annotations
@@ -254,6 +257,8 @@ BAD = [
     (["--detector", "{tmp}/nodir"], "--detector {tmp}/nodir"),
     (["--detector", "{tmp}/clip"], "model_type='clip'"),
     (["--shards", "{tmp}/none-{{0..1}}.tar"], "none-0.tar"),
+    (["--shards", "{tmp}/in/s0.tar::{tmp}/in2/s0.tar"],
+     "--shards: '{tmp}/in/s0.tar' and '{tmp}/in2/s0.tar' would both be written as s0.tar"),
 ]
 
 
@@ -264,6 +269,8 @@ def test_bad_flags_one_line(tmp_path, capsys, extra, message):
     (tmp_path / "clip/config.json").write_text('{"model_type": "clip"}')
     (tmp_path / "det").mkdir()
     (tmp_path / "det/config.json").write_text('{"model_type": "owlv2"}')
+    (tmp_path / "in2").mkdir()
+    (tmp_path / "in2/s0.tar").write_bytes((tmp_path / "in/s0.tar").read_bytes())
     base = {"--shards": str(tmp_path / "in/s0.tar"), "--detector": str(tmp_path / "det"),
             "--out": str(tmp_path / "out")}
     extra = [a.format(tmp=tmp_path) for a in extra]
@@ -275,6 +282,55 @@ def test_bad_flags_one_line(tmp_path, capsys, extra, message):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ")
     assert message.format(tmp=tmp_path) in err, err
+
+
+def test_no_caption_and_no_phrase_samples_are_never_decoded(tmp_path, detectors, monkeypatch):
+    """A sample is counted under the first reason that applies, cheap checks first: those
+    without a caption or a phrase carry corrupt image bytes (or none) and still count as
+    no_caption / no_phrase, not bad_image; a decode spy sees only the phrased samples' images,
+    the detector only their phrases. A phrased sample's corrupt image is bad_image."""
+    from trainer.data.vesl import label
+
+    corrupt = [b"\xff\xd8 corrupt %d" % i for i in range(3)]
+    car, birds = _jpeg(80, 50, 0), _jpeg(30, 70, 1)
+    samples = [
+        {"__key__": "car", "jpg": car, "txt": "a red car next to a small dog"},
+        {"__key__": "nophrase", "jpg": corrupt[0], "txt": "it is there"},
+        {"__key__": "nocaption", "jpg": corrupt[1], "json": {"regions": []}},
+        {"__key__": "noimage", "txt": "it is there"},
+        {"__key__": "broken", "jpg": corrupt[2], "txt": "a broken image of a cat"},
+        {"__key__": "birds", "png": birds, "json": {"caption": "two birds on a wire"}},
+    ]
+    (tmp_path / "in").mkdir()
+    with ShardSink(tmp_path / "in", file_name="s.tar") as sink:
+        for s in samples:
+            sink.write(dict(s))
+    decoded: list[bytes] = []
+    real_decode = label.decode_image
+    monkeypatch.setattr(label, "decode_image", lambda data: decoded.append(data) or real_decode(data))
+    asked: list[list[str]] = []
+    det, opts = RegionDetector(detectors["confident"]), DetectOptions(score=0.5, max_regions=3)
+
+    def detect(images, phrases):
+        asked.extend(phrases)
+        return det.detect(images, phrases, opts)
+
+    out = tmp_path / "out"
+    (out / "_done").mkdir(parents=True)
+    report = label.ShardLabeller(detect, label.LabelOptions(batch_size=8), out).label(
+        str(tmp_path / "in/s.tar"))
+    counts = {r: report[r] for r in label.REASONS}
+    assert counts == {"labelled": 2, "no_box": 0, "no_phrase": 2, "no_caption": 1,
+                      "bad_image": 1, "duplicate_key": 0}, counts
+    assert decoded == [car, corrupt[2], birds]
+    assert asked == [noun_phrases(samples[0]["txt"]), noun_phrases("two birds on a wire")]
+    got = {s["__key__"]: s for s in read_shard(str(out / "s.tar"))}
+    assert list(got) == [s["__key__"] for s in samples]  # every sample written, in order
+    assert got["nophrase"]["jpg"] == corrupt[0] and got["noimage"].keys() >= {"txt", "json"}
+    for key in ("nophrase", "noimage"):  # replace mode: no regions, the caption recorded
+        assert json.loads(got[key]["json"]) == {"caption": "it is there", "regions": []}
+    assert json.loads(got["nocaption"]["json"]) == {"regions": []}  # copied unchanged
+    assert "json" not in got["broken"]
 
 
 def test_detector_failure_leaves_the_shard_undone(tmp_path):

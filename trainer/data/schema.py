@@ -3,6 +3,8 @@
 A raw sample is what a tar holds for one key: {"__key__", "__url__", "jpg"|"png"|..., "txt",
 "json"?, "cls"?} with bytes values. `decode_sample` turns it into a `Decoded` sample or raises
 `SkipSample(reason)`; repairs (clamped boxes, dropped regions) are counted on the way.
+Which fields hold what is written once here (`image_bytes`, `sample_meta`, `sample_caption`),
+for tools that read raw samples without decoding them (vesl/label.py).
 """
 from __future__ import annotations
 
@@ -78,18 +80,37 @@ def _text(data: bytes | None) -> str:
         return data.decode("utf-8", errors="replace").strip()
 
 
-def _parse_json(data: bytes | None, counters: DataCounters, where: str) -> dict:
+def image_bytes(raw: dict) -> bytes | None:
+    """The bytes of a raw sample's image (the first of IMAGE_EXTS it holds), or None."""
+    return next((raw[e] for e in IMAGE_EXTS if e in raw), None)
+
+
+def sample_meta(raw: dict, counters: DataCounters | None = None, where: str = "") -> dict:
+    """A raw sample's JSON metadata: {} when it has no .json or an unreadable one (counted as
+    "malformed_json" in `counters` when given)."""
+    data = raw.get("json")
     if data is None:
         return {}
     try:
         meta = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        counters.record("malformed_json", where, str(e)[:80])
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError included
+        if counters is not None:
+            counters.record("malformed_json", where, str(e)[:80])
         return {}
     if not isinstance(meta, dict):
-        counters.record("malformed_json", where, f"top level is {type(meta).__name__}")
+        if counters is not None:
+            counters.record("malformed_json", where, f"top level is {type(meta).__name__}")
         return {}
     return meta
+
+
+def sample_caption(raw: dict, meta: dict) -> str:
+    """A raw sample's caption: its .txt, else its JSON's "caption" (`meta`: `sample_meta(raw)`),
+    stripped; "" when neither holds text."""
+    caption = _text(raw.get("txt"))
+    if not caption and isinstance(meta.get("caption"), str):
+        caption = meta["caption"].strip()
+    return caption
 
 
 def _finite_box(bbox) -> list[float] | None:
@@ -146,13 +167,11 @@ def decode_sample(raw: dict, counters: DataCounters, want_regions: bool = True,
     ``cls`` classification sample: its caption is then "")."""
     key = raw.get("__key__", "?")
     where = f"{raw.get('__url__', '?')}:{key}"
-    image_bytes = next((raw[e] for e in IMAGE_EXTS if e in raw), None)
-    if image_bytes is None:
+    data = image_bytes(raw)
+    if data is None:
         raise SkipSample("missing_image", f"fields {sorted(k for k in raw if not k.startswith('__'))}")
-    meta = _parse_json(raw.get("json"), counters, where)
-    caption = _text(raw.get("txt"))
-    if not caption and isinstance(meta.get("caption"), str):
-        caption = meta["caption"].strip()
+    meta = sample_meta(raw, counters, where)
+    caption = sample_caption(raw, meta)
     label = -1
     if "cls" in raw:
         try:
@@ -163,7 +182,7 @@ def decode_sample(raw: dict, counters: DataCounters, want_regions: bool = True,
         label = meta["label"]
     if not caption and not (labelled_without_caption and label >= 0):
         raise SkipSample("missing_caption")
-    opened = open_image(image_bytes)
+    opened = open_image(data)
     width, height = opened.size
     image = load(opened)
     if want_regions and meta.get("regions") is not None:

@@ -1,4 +1,5 @@
-"""Writing shards in the sample format of README.md (used by tools/make_shards.py, add_regions.py)."""
+"""Writing shards in the sample format of README.md (used by tools/make_shards.py, add_regions.py,
+label_regions.py), and the output name of a shard rewritten one for one."""
 from __future__ import annotations
 
 import json
@@ -9,8 +10,36 @@ from typing import Iterable
 from webdataset import TarWriter
 
 
+COMPRESSED = (".gz", ".bz2", ".xz")  # what read_shard reads besides plain tars
+
+
 class OutputExistsError(FileExistsError):
     pass
+
+
+def output_shard_name(url: str) -> str:
+    """The file name that tools rewriting shards one for one (add_regions.py,
+    label_regions.py) give the output of input shard `url`: NAME.tar for NAME.tar, for a
+    compressed NAME.tar.gz / .tar.bz2 / .tar.xz (the output is a plain tar), and for NAME.EXT
+    or NAME. For a `pipe:` URL, the file that the command's last word names."""
+    base = os.path.basename(url.split()[-1].strip("'\""))
+    for ext in COMPRESSED:
+        if base.endswith(".tar" + ext):
+            base = base[:-len(ext)]
+            break
+    stem = base[:-4] if base.endswith(".tar") else base.rsplit(".", 1)[0]
+    return f"{stem}.tar"
+
+
+def check_output_names(urls: list[str], flag: str = "--shards") -> None:
+    """Refuse (ValueError, one line naming both) two input shards that would be written to
+    the same output file."""
+    seen: dict[str, str] = {}
+    for u in urls:
+        name = output_shard_name(u)
+        if name in seen:
+            raise ValueError(f"{flag}: {seen[name]!r} and {u!r} would both be written as {name}")
+        seen[name] = u
 
 
 def check_fresh_output(out_dir: str | Path) -> Path:

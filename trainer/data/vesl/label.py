@@ -9,12 +9,15 @@ Output layout under OUT:
 A shard with a done marker is never labelled again; one without is (re)written from scratch
 through NAME.tar.tmp. Samples stream through in batches: memory holds one batch of images.
 
-Every input sample is written out. What happens to each is counted (`REASONS`):
+Every input sample is written out. What happens to each is counted (`REASONS`), under the
+first that applies in the order duplicate_key, no_caption, no_phrase, bad_image, then
+labelled / no_box: the cheap checks come first, so an image is decoded (and the detector run)
+only for a sample whose caption has phrases.
     labelled     the detector found at least one box: its regions are the detector's
     no_box       phrases, but no box above the score
-    no_phrase    the caption has no candidate phrase (the detector is not run)
-    no_caption   no .txt and no JSON caption
-    bad_image    missing or undecodable image: copied unchanged
+    no_phrase    the caption has no candidate phrase (the image is not decoded)
+    no_caption   no .txt and no JSON caption: copied unchanged (the image is not decoded)
+    bad_image    phrases, but a missing or undecodable image: copied unchanged
     duplicate_key  a key seen earlier in the shard: dropped (shards forbid repeated keys)
 In --mode replace the regions of labelled / no_box / no_phrase samples are the detector's
 (possibly none); in append mode they follow the sample's own.
@@ -30,11 +33,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from trainer.data.schema import IMAGE_EXTS, SkipSample, decode_image
+from PIL import Image
+
+from trainer.data.schema import SkipSample, decode_image, image_bytes, sample_caption, sample_meta
 from trainer.data.stream import read_shard
 from trainer.data.vesl.detector import DetectOptions
 from trainer.data.vesl.phrases import noun_phrases
-from trainer.data.writer import ShardSink
+from trainer.data.writer import ShardSink, output_shard_name
 from trainer.io import commit_file, create_once, write_atomic
 
 REASONS = ("labelled", "no_box", "no_phrase", "no_caption", "bad_image", "duplicate_key")
@@ -63,23 +68,6 @@ def task_shards(urls: list[str], index: int, count: int) -> list[str]:
     return urls[index * n // count:(index + 1) * n // count]
 
 
-def output_name(url: str) -> str:
-    """NAME.tar of a shard URL (for pipe: URLs, of the command's last word)."""
-    base = os.path.basename(url.split()[-1].rstrip("'\""))
-    stem = base[:-4] if base.endswith(".tar") else base.rsplit(".", 1)[0]
-    return f"{stem}.tar"
-
-
-def check_names(urls: list[str]) -> None:
-    seen: dict[str, str] = {}
-    for u in urls:
-        name = output_name(u)
-        if name in seen:
-            raise ValueError(f"--shards: {seen[name]!r} and {u!r} would both be written as "
-                             f"{name}")
-        seen[name] = u
-
-
 def settings_of(urls: list[str], detector: str, opts: LabelOptions) -> dict:
     return {"shards": urls, "detector": os.path.abspath(detector), "mode": opts.mode,
             "max_phrases": opts.max_phrases, **asdict(opts.detect)}
@@ -104,23 +92,7 @@ def claim_output(out: Path, settings: dict) -> None:
 
 
 def done_path(out: Path, url: str) -> Path:
-    return out / DONE_DIR / (output_name(url)[:-4] + ".json")
-
-
-def _caption(raw: dict, meta: dict) -> str:
-    txt = raw.get("txt")
-    text = txt.decode("utf-8", errors="replace").strip() if txt else ""
-    if not text and isinstance(meta.get("caption"), str):
-        text = meta["caption"].strip()
-    return text
-
-
-def _meta(raw: dict) -> dict:
-    try:
-        meta = json.loads(raw["json"]) if "json" in raw else {}
-    except (ValueError, UnicodeDecodeError):
-        meta = {}
-    return meta if isinstance(meta, dict) else {}
+    return out / DONE_DIR / (output_shard_name(url)[:-4] + ".json")
 
 
 class ShardLabeller:
@@ -140,7 +112,7 @@ class ShardLabeller:
         A shard that cannot be read to its end (truncated, corrupt, a failing pipe) is a fact
         about the input: what was read is labelled and the shard is done, its error recorded.
         Any other error (the detector's, the disk's) propagates and leaves no done marker."""
-        name = output_name(url)
+        name = output_shard_name(url)
         tmp = self.out / (name + ".tmp")
         counts: Counter = Counter()
         start, n, error = time.time(), 0, None
@@ -182,24 +154,22 @@ class ShardLabeller:
             sample = {k: v for k, v in raw.items() if not k.startswith("__")}
             sample["__key__"] = key
             outs.append(sample)
-            data = next((raw[e] for e in IMAGE_EXTS if e in raw), None)
-            try:
-                if data is None:
-                    raise SkipSample("missing_image")
-                image = decode_image(data)
-            except SkipSample:
-                counts["bad_image"] += 1
-                continue
-            meta = _meta(raw)
-            caption = _caption(raw, meta)
+            # the cheap checks first: the image is decoded only for a sample with phrases
+            meta = sample_meta(raw)
+            caption = sample_caption(raw, meta)
             if not caption:
                 counts["no_caption"] += 1
                 continue
+            found = noun_phrases(caption, self.opts.max_phrases)
+            if found:
+                image = _decoded(raw)
+                if image is None:
+                    counts["bad_image"] += 1
+                    continue
             sample["json"] = meta
             meta.setdefault("caption", caption)
             if self.opts.mode == "replace" or not isinstance(meta.get("regions"), list):
                 meta["regions"] = []
-            found = noun_phrases(caption, self.opts.max_phrases)
             if not found:
                 counts["no_phrase"] += 1
                 continue
@@ -212,6 +182,17 @@ class ShardLabeller:
                 counts["regions"] += len(regions)
                 meta["regions"] = meta["regions"] + regions
         return outs
+
+
+def _decoded(raw: dict) -> Image.Image | None:
+    """The sample's RGB image, or None when it has none or it does not decode."""
+    data = image_bytes(raw)
+    if data is None:
+        return None
+    try:
+        return decode_image(data)
+    except SkipSample:
+        return None
 
 
 def _batches(samples: Iterator[dict], size: int) -> Iterator[list[dict]]:
