@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -39,9 +40,27 @@ def test_not_a_checkpoint(tmp_path):
     (tmp_path / "x").mkdir()
     with pytest.raises(checkpoint.CheckpointError, match="not a checkpoint"):
         checkpoint.resolve(tmp_path / "x")
-    (tmp_path / "x" / "latest").write_text("step_00000001\n")
-    with pytest.raises(checkpoint.CheckpointError, match="no manifest.json"):
+    assert checkpoint.latest_step_dir(tmp_path / "x") is None
+    latest = tmp_path / "x" / "latest"
+    latest.write_text("step_00000001\n")  # the one reader of `latest`: resolve and resume
+    step = tmp_path / "x" / "step_00000001"
+    for reader in (checkpoint.latest_step_dir, checkpoint.resolve):
+        with pytest.raises(checkpoint.CorruptCheckpointError,
+                           match=f"^{re.escape(str(latest))} names {re.escape(str(step))}, "
+                                 f"which does not exist$"):
+            reader(tmp_path / "x")
+    step.mkdir()
+    assert checkpoint.latest_step_dir(tmp_path / "x") == step
+    with pytest.raises(checkpoint.CorruptCheckpointError,
+                       match=f"^{re.escape(str(latest))} names {re.escape(str(step))}, which "
+                             f"has no manifest.json$"):
         checkpoint.resolve(tmp_path / "x")
+    for name in ("step_00000001.partial", "../y", "step_00000001/model"):
+        latest.write_text(name + "\n")
+        for reader in (checkpoint.latest_step_dir, checkpoint.resolve):
+            with pytest.raises(checkpoint.CorruptCheckpointError,
+                               match=f"names '{re.escape(name)}', not a step_\\* directory"):
+                reader(tmp_path / "x")
     d = tmp_path / "y"
     d.mkdir()
     (d / "manifest.json").write_text(json.dumps({"format_version": 99}))
@@ -286,3 +305,4 @@ def test_rng_round_trip(dist1):
     assert first[:3] == second[:3]
     assert torch.equal(first[3], second[3]) and torch.equal(first[4], second[4])
     assert not torch.equal(first[3], first[4])
+
