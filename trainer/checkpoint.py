@@ -42,6 +42,7 @@ import platform
 import re
 import shutil
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -454,31 +455,33 @@ def file_error(ckpt: Path, rel: str, info: dict, checksum: bool = True) -> str:
     return ""
 
 
-def check_sizes(path: str | Path) -> dict:
-    """The manifest of a checkpoint whose every listed file is present with its size (stat
-    only: cheap); CorruptCheckpointError naming the first file that is not."""
+def _first_file_error(ckpt: Path, files: Iterable[tuple[str, dict]], checksum: bool) -> str:
+    """The first problem among ``files`` ((rel, manifest entry) pairs) of ``ckpt``, "" if
+    none: the one walk behind ``verify``, ``check_sizes`` and the collective check."""
+    return next((e for rel, info in files if (e := file_error(ckpt, rel, info, checksum))), "")
+
+
+def verify(path: str | Path, contents: bool = True) -> dict:
+    """The manifest of a checkpoint whose every listed file is present with its size and
+    (``contents``) sha256, read by this process alone; CorruptCheckpointError naming the
+    first file that is not. ``contents=False`` is a stat per file: cheap."""
     ckpt = resolve(path)
     manifest = read_manifest(ckpt)
-    for rel, info in manifest["files"].items():
-        error = file_error(ckpt, rel, info, checksum=False)
-        if error:
-            raise CorruptCheckpointError(error)
+    error = _first_file_error(ckpt, manifest["files"].items(), checksum=contents)
+    if error:
+        raise CorruptCheckpointError(error)
     return manifest
 
 
-def verify(path: str | Path) -> None:
-    """Check every file against the manifest's size and sha256 (this process alone)."""
-    ckpt = resolve(path)
-    for rel, info in read_manifest(ckpt)["files"].items():
-        error = file_error(ckpt, rel, info)
-        if error:
-            raise CorruptCheckpointError(error)
+def check_sizes(path: str | Path) -> dict:
+    """``verify(path, contents=False)``: every listed file present with its size."""
+    return verify(path, contents=False)
 
 
 def _verify_collective(ckpt: Path, manifest: dict) -> None:
     """``verify`` split over the ranks (rank r hashes every world-th file); all raise alike."""
-    items = sorted(manifest["files"].items())[C.rank()::C.world()]
-    error = next((e for e in (file_error(ckpt, rel, info) for rel, info in items) if e), "")
+    mine = sorted(manifest["files"].items())[C.rank()::C.world()]
+    error = _first_file_error(ckpt, mine, checksum=True)
     C.raise_if_any(C.all_gather_object(error), CorruptCheckpointError)
 
 

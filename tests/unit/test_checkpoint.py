@@ -281,6 +281,39 @@ def test_corrupt_manifest_and_checksum_name_the_file(tmp_path, dist1):
         checkpoint.load_model(tmp_path / "ck", model, dist1)
 
 
+def test_verify_sizes_only_or_contents(tmp_path, dist1):
+    """One walk of the manifest: ``contents=False`` (``check_sizes``) stats each file, the
+    default also hashes it; both return the manifest and name the first bad file."""
+    model, cfg = _model(0)
+    path = checkpoint.save_checkpoint(tmp_path / "ck", 5, model, config_to_dict(cfg), dist1,
+                                      rank_state={"a": 1})
+    manifest = checkpoint.read_manifest(path)
+    assert checkpoint.verify(tmp_path / "ck") == manifest
+    assert checkpoint.verify(path, contents=False) == checkpoint.check_sizes(path) == manifest
+    rank_file = path / "rank_state" / "rank_00000.json"
+    rank_file.write_text('{"a": 2}')  # same size, other bytes: only the sha256 tells
+    assert checkpoint.check_sizes(path) == manifest
+    assert checkpoint.verify(path, contents=False) == manifest
+    with pytest.raises(checkpoint.CorruptCheckpointError,
+                       match=f"^{re.escape(str(rank_file))}: does not match its manifest "
+                             "checksum$"):
+        checkpoint.verify(path)
+    shard = sorted((path / "model").glob("*.distcp"))[0]
+    size = shard.stat().st_size
+    shard.write_bytes(shard.read_bytes()[:-10])  # sorts before rank_state/: named first
+    for check in (checkpoint.check_sizes, checkpoint.verify):
+        with pytest.raises(checkpoint.CorruptCheckpointError,
+                           match=f"^{re.escape(str(shard))}: {size - 10} bytes, its manifest "
+                                 f"says {size} "):
+            check(path)
+    shard.unlink()
+    for check in (checkpoint.check_sizes, checkpoint.verify):
+        with pytest.raises(checkpoint.CorruptCheckpointError,
+                           match=f"^{re.escape(str(shard))}: missing \\(listed in the "
+                                 "manifest\\)$"):
+            check(path)
+
+
 def test_rng_round_trip(dist1):
     """Every generator: draws after a restore (from JSON) equal the draws after the capture."""
     import random
