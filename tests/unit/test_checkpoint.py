@@ -339,3 +339,47 @@ def test_rng_round_trip(dist1):
     assert torch.equal(first[3], second[3]) and torch.equal(first[4], second[4])
     assert not torch.equal(first[3], first[4])
 
+
+def test_rng_snapshot_restore(dist1):
+    """In memory (trainer/step_cache.py's replay): every generator draws the same after each
+    restore of one snapshot, tracker streams kept as ByteTensors or as torch.Generators."""
+    import random
+
+    import numpy as np
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    from trainer.distributed import rng
+
+    tracker = get_cuda_rng_tracker()
+    byte_states = tracker.get_states()
+    names = sorted(byte_states)
+
+    def draws():
+        with tracker.fork():
+            tracked = torch.rand(3)
+        return (random.random(), float(np.random.randn()), torch.rand(3), tracked)
+
+    def same(a, b):
+        return a[:2] == b[:2] and all(torch.equal(x, y) for x, y in zip(a[2:], b[2:]))
+
+    snap = rng.snapshot()
+    first = draws()
+    rng.restore(snap)
+    assert same(draws(), first)
+    rng.restore(snap)  # a snapshot restores any number of times
+    assert same(draws(), first) and not torch.equal(first[2], first[3])
+
+    gens = {n: torch.Generator().manual_seed(i) for i, n in enumerate(names)}
+    try:  # cudagraph-safe trackers keep torch.Generator objects: restored in place
+        tracker.set_states(dict(gens))
+        snap = rng.snapshot()
+        before = [torch.rand(3, generator=gens[n]) for n in names]
+        rng.restore(snap)
+        assert all(tracker.get_states()[n] is gens[n] for n in names)
+        assert all(torch.equal(torch.rand(3, generator=gens[n]), b)
+                   for n, b in zip(names, before))
+        tracker.set_states({n: gens[n] for n in names[1:]})
+        with pytest.raises(ValueError, match="megatron RNG tracker streams differ"):
+            rng.restore(snap)
+    finally:
+        tracker.set_states(byte_states)
