@@ -42,6 +42,7 @@ import platform
 import re
 import shutil
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -54,6 +55,7 @@ from trainer.signals import die_with_parent
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+LATEST = "latest"  # a one-line file naming the newest complete step directory
 FORMAT_VERSION = 1
 SHARDED_METADATA = {"non_homogeneous_layers": True}  # dense and MoE layers may mix
 RANK_STATE = "rank_state/rank_{rank:05d}.json"
@@ -380,7 +382,7 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, config:
         if final.exists():  # re-saving a step: the old copy goes only once the new is complete
             os.replace(final, final.with_name(final.name + ".stale"))
         os.replace(partial, final)
-        write_atomic(root / "latest", final.name + "\n")
+        write_atomic(root / LATEST, final.name + "\n")
         shutil.rmtree(final.with_name(final.name + ".stale"), ignore_errors=True)
         if keep_last > 0:
             _prune(root, keep_last, final)
@@ -391,6 +393,23 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, config:
 
 
 # ---- read
+def latest_step_dir(root: str | Path) -> Path | None:
+    """The step directory ``<root>/latest`` names (the one reader of that file); None when
+    there is no ``latest``. CorruptCheckpointError when it names no ``step_*`` directory
+    (an interrupted save's ``*.partial`` included) or one that does not exist; whether that
+    directory holds a checkpoint is the caller's question."""
+    latest = Path(root) / LATEST
+    if not latest.is_file():
+        return None
+    name = latest.read_text().strip()
+    if not STEP_DIR.fullmatch(name):
+        raise CorruptCheckpointError(f"{latest} names {name!r}, not a step_* directory")
+    target = latest.parent / name
+    if not target.is_dir():
+        raise CorruptCheckpointError(f"{latest} names {target}, which does not exist")
+    return target
+
+
 def resolve(path: str | Path) -> Path:
     """A checkpoint directory, or a root whose ``latest`` names one; never a partial save."""
     path = Path(path)
@@ -398,15 +417,12 @@ def resolve(path: str | Path) -> Path:
         raise CheckpointError(f"{path}: an interrupted save, not a checkpoint")
     if (path / MANIFEST).is_file():
         return path
-    latest = path / "latest"
-    if latest.is_file():
-        target = path / latest.read_text().strip()
-        if target.name.endswith(_LEFTOVER):
-            raise CorruptCheckpointError(f"{latest} points at {target}, an interrupted save")
-        if (target / MANIFEST).is_file():
-            return target
-        raise CorruptCheckpointError(f"{latest} points at {target}, which has no {MANIFEST}")
-    raise CheckpointError(f"{path}: not a checkpoint (no {MANIFEST}) and no 'latest' file")
+    target = latest_step_dir(path)
+    if target is None:
+        raise CheckpointError(f"{path}: not a checkpoint (no {MANIFEST}) and no {LATEST!r} file")
+    if not (target / MANIFEST).is_file():
+        raise CorruptCheckpointError(f"{path / LATEST} names {target}, which has no {MANIFEST}")
+    return target
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -439,31 +455,33 @@ def file_error(ckpt: Path, rel: str, info: dict, checksum: bool = True) -> str:
     return ""
 
 
-def check_sizes(path: str | Path) -> dict:
-    """The manifest of a checkpoint whose every listed file is present with its size (stat
-    only: cheap); CorruptCheckpointError naming the first file that is not."""
+def _first_file_error(ckpt: Path, files: Iterable[tuple[str, dict]], checksum: bool) -> str:
+    """The first problem among ``files`` ((rel, manifest entry) pairs) of ``ckpt``, "" if
+    none: the one walk behind ``verify``, ``check_sizes`` and the collective check."""
+    return next((e for rel, info in files if (e := file_error(ckpt, rel, info, checksum))), "")
+
+
+def verify(path: str | Path, contents: bool = True) -> dict:
+    """The manifest of a checkpoint whose every listed file is present with its size and
+    (``contents``) sha256, read by this process alone; CorruptCheckpointError naming the
+    first file that is not. ``contents=False`` is a stat per file: cheap."""
     ckpt = resolve(path)
     manifest = read_manifest(ckpt)
-    for rel, info in manifest["files"].items():
-        error = file_error(ckpt, rel, info, checksum=False)
-        if error:
-            raise CorruptCheckpointError(error)
+    error = _first_file_error(ckpt, manifest["files"].items(), checksum=contents)
+    if error:
+        raise CorruptCheckpointError(error)
     return manifest
 
 
-def verify(path: str | Path) -> None:
-    """Check every file against the manifest's size and sha256 (this process alone)."""
-    ckpt = resolve(path)
-    for rel, info in read_manifest(ckpt)["files"].items():
-        error = file_error(ckpt, rel, info)
-        if error:
-            raise CorruptCheckpointError(error)
+def check_sizes(path: str | Path) -> dict:
+    """``verify(path, contents=False)``: every listed file present with its size."""
+    return verify(path, contents=False)
 
 
 def _verify_collective(ckpt: Path, manifest: dict) -> None:
     """``verify`` split over the ranks (rank r hashes every world-th file); all raise alike."""
-    items = sorted(manifest["files"].items())[C.rank()::C.world()]
-    error = next((e for e in (file_error(ckpt, rel, info) for rel, info in items) if e), "")
+    mine = sorted(manifest["files"].items())[C.rank()::C.world()]
+    error = _first_file_error(ckpt, mine, checksum=True)
     C.raise_if_any(C.all_gather_object(error), CorruptCheckpointError)
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from trainer import checkpoint
-from trainer.checkpoint import CheckpointError, CorruptCheckpointError, MANIFEST
+from trainer.checkpoint import CheckpointError, CorruptCheckpointError, LATEST, MANIFEST
 from trainer.distributed import collectives as C
 from trainer.distributed.layout import ParallelLayout
 
@@ -37,20 +37,13 @@ class ResumeError(CheckpointError):
 def _candidates(root: Path) -> tuple[list[Path], list[str]]:
     """(directories to try in order, problems already known), as rank 0 sees them."""
     dirs = checkpoint.step_dirs(root)[::-1]
-    problems = []
-    latest = root / "latest"
-    if latest.is_file():
-        name = latest.read_text().strip()
-        target = root / name
-        if not checkpoint.STEP_DIR.fullmatch(name):
-            problems.append(f"{latest} names {name!r}, not a step_* directory")
-        elif not target.is_dir():
-            problems.append(f"{latest} names {target}, which does not exist")
-        else:
-            dirs = [target] + [d for d in dirs if d != target]
-    elif dirs:
-        problems.append(f"{latest}: missing")
-    return dirs, problems
+    try:
+        target = checkpoint.latest_step_dir(root)
+    except CorruptCheckpointError as e:  # names no step directory, or a missing one
+        return dirs, [str(e)]
+    if target is None:
+        return dirs, [f"{root / LATEST}: missing"] if dirs else []
+    return [target] + [d for d in dirs if d != target], []
 
 
 def resume_root(save_dir: str | Path, resume: bool = True) -> Path | None:
@@ -59,7 +52,7 @@ def resume_root(save_dir: str | Path, resume: bool = True) -> Path | None:
     not count) and ``resume``; else None (with ``resume`` false, after a warning)."""
     root = Path(save_dir)
     dirs = checkpoint.step_dirs(root)
-    found = C.broadcast_object(((root / "latest").is_file() or bool(dirs))
+    found = C.broadcast_object(((root / LATEST).is_file() or bool(dirs))
                                if C.rank() == 0 else None)
     if found and not resume:
         if C.rank() == 0:

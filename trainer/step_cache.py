@@ -18,12 +18,13 @@ DP rank at once by feature caching in two passes (GradCache, Gao et al. 2021; op
 The result equals one micro-batch holding all the step's samples (tests/distributed/
 check_parallel.py: 4 micro-batches vs one of 4x the size, 2 DP ranks and PP=2). It works at
 any PP: both passes run megatron-core's schedule, whose loss function is called on the last
-stage only. Randomness is replayed: each micro-batch's second forward starts from the RNG
-state (torch CPU and CUDA generators, megatron's tracker) its first forward started from, so
-noisy gating draws the same noise. MoE router aux losses ride on the second pass's layer
-outputs only (the first runs without grad), one per micro-batch as in ``microbatch`` scope,
-and the routing statistics count the second pass only. Cost: one extra forward per
-micro-batch (as activation checkpointing) and the step's features in memory.
+stage only. Randomness is replayed: each micro-batch's second forward starts from the state of
+every generator (trainer/distributed/rng.py: Python, NumPy, torch CPU and CUDA, megatron's
+tracker) its first forward started from, so noisy gating draws the same noise. MoE router aux
+losses ride on the second pass's layer outputs only (the first runs without grad), one per
+micro-batch as in ``microbatch`` scope, and the routing statistics count the second pass only.
+Cost: one extra forward per micro-batch (as activation checkpointing) and the step's features
+in memory.
 """
 from __future__ import annotations
 
@@ -32,41 +33,11 @@ import functools
 import torch
 
 from trainer.config import Config
+from trainer.distributed import rng
 from trainer.distributed.grads import unwrap
 from trainer.step import compute_loss, forward_step, route_labels
 
 _SKIP_BATCH_KEYS = ("images",)  # the loss never reads the pixels: not concatenated
-
-
-# ---- RNG replay ---------------------------------------------------------------------------
-
-def _tracker():
-    from megatron.core.tensor_parallel import random as mrandom
-    return mrandom.get_cuda_rng_tracker()
-
-
-def rng_snapshot() -> dict:
-    """Copies of every generator state a forward may draw from."""
-    states = {}
-    for name, s in _tracker().get_states().items():
-        states[name] = s.get_state() if isinstance(s, torch.Generator) else s.clone()
-    return {"cpu": torch.get_rng_state(), "tracker": states,
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def rng_restore(snap: dict) -> None:
-    torch.set_rng_state(snap["cpu"])
-    if snap["cuda"] is not None:
-        torch.cuda.set_rng_state_all(snap["cuda"])
-    current = _tracker().get_states()
-    restored = {}
-    for name, s in snap["tracker"].items():
-        if isinstance(current.get(name), torch.Generator):
-            current[name].set_state(s)
-            restored[name] = current[name]
-        else:
-            restored[name] = s.clone()
-    _tracker().set_states(restored)
 
 
 # ---- the step loss over cached outputs -----------------------------------------------------
@@ -139,7 +110,7 @@ def step_forward_backward(model: torch.nn.Module, microbatches: list[dict], cfg:
         return torch.zeros(()), {}
 
     def first(data_iterator, model):
-        starts.append(rng_snapshot())
+        starts.append(rng.snapshot())
         output, _ = forward_step(data_iterator, model, cfg.train)
         return output, cache
 
@@ -150,7 +121,7 @@ def step_forward_backward(model: torch.nn.Module, microbatches: list[dict], cfg:
     for mlp, kept in zip(layers, stats):            # the first pass's routing: not counted
         mlp.pop_stats()
         mlp.stats = kept
-    after = rng_snapshot()
+    after = rng.snapshot()
 
     grads, metrics = step_loss_grads(outputs, microbatches, cfg) if last else (None, None)
     outputs.clear()
@@ -159,7 +130,7 @@ def step_forward_backward(model: torch.nn.Module, microbatches: list[dict], cfg:
     def second(data_iterator, model):
         i = len(done)
         done.append(i)
-        rng_restore(starts[i])
+        rng.restore(starts[i])
         output, _ = forward_step(data_iterator, model, cfg.train)
         return output, (functools.partial(_surrogate, grads=grads[i], num_microbatches=m)
                         if last else None)
@@ -167,6 +138,6 @@ def step_forward_backward(model: torch.nn.Module, microbatches: list[dict], cfg:
     try:
         run_schedule(second, False)
     finally:
-        rng_restore(after)
+        rng.restore(after)
         route_labels(model, None)
     return metrics

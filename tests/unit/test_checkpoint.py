@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -39,9 +40,27 @@ def test_not_a_checkpoint(tmp_path):
     (tmp_path / "x").mkdir()
     with pytest.raises(checkpoint.CheckpointError, match="not a checkpoint"):
         checkpoint.resolve(tmp_path / "x")
-    (tmp_path / "x" / "latest").write_text("step_00000001\n")
-    with pytest.raises(checkpoint.CheckpointError, match="no manifest.json"):
+    assert checkpoint.latest_step_dir(tmp_path / "x") is None
+    latest = tmp_path / "x" / "latest"
+    latest.write_text("step_00000001\n")  # the one reader of `latest`: resolve and resume
+    step = tmp_path / "x" / "step_00000001"
+    for reader in (checkpoint.latest_step_dir, checkpoint.resolve):
+        with pytest.raises(checkpoint.CorruptCheckpointError,
+                           match=f"^{re.escape(str(latest))} names {re.escape(str(step))}, "
+                                 f"which does not exist$"):
+            reader(tmp_path / "x")
+    step.mkdir()
+    assert checkpoint.latest_step_dir(tmp_path / "x") == step
+    with pytest.raises(checkpoint.CorruptCheckpointError,
+                       match=f"^{re.escape(str(latest))} names {re.escape(str(step))}, which "
+                             f"has no manifest.json$"):
         checkpoint.resolve(tmp_path / "x")
+    for name in ("step_00000001.partial", "../y", "step_00000001/model"):
+        latest.write_text(name + "\n")
+        for reader in (checkpoint.latest_step_dir, checkpoint.resolve):
+            with pytest.raises(checkpoint.CorruptCheckpointError,
+                               match=f"names '{re.escape(name)}', not a step_\\* directory"):
+                reader(tmp_path / "x")
     d = tmp_path / "y"
     d.mkdir()
     (d / "manifest.json").write_text(json.dumps({"format_version": 99}))
@@ -262,6 +281,39 @@ def test_corrupt_manifest_and_checksum_name_the_file(tmp_path, dist1):
         checkpoint.load_model(tmp_path / "ck", model, dist1)
 
 
+def test_verify_sizes_only_or_contents(tmp_path, dist1):
+    """One walk of the manifest: ``contents=False`` (``check_sizes``) stats each file, the
+    default also hashes it; both return the manifest and name the first bad file."""
+    model, cfg = _model(0)
+    path = checkpoint.save_checkpoint(tmp_path / "ck", 5, model, config_to_dict(cfg), dist1,
+                                      rank_state={"a": 1})
+    manifest = checkpoint.read_manifest(path)
+    assert checkpoint.verify(tmp_path / "ck") == manifest
+    assert checkpoint.verify(path, contents=False) == checkpoint.check_sizes(path) == manifest
+    rank_file = path / "rank_state" / "rank_00000.json"
+    rank_file.write_text('{"a": 2}')  # same size, other bytes: only the sha256 tells
+    assert checkpoint.check_sizes(path) == manifest
+    assert checkpoint.verify(path, contents=False) == manifest
+    with pytest.raises(checkpoint.CorruptCheckpointError,
+                       match=f"^{re.escape(str(rank_file))}: does not match its manifest "
+                             "checksum$"):
+        checkpoint.verify(path)
+    shard = sorted((path / "model").glob("*.distcp"))[0]
+    size = shard.stat().st_size
+    shard.write_bytes(shard.read_bytes()[:-10])  # sorts before rank_state/: named first
+    for check in (checkpoint.check_sizes, checkpoint.verify):
+        with pytest.raises(checkpoint.CorruptCheckpointError,
+                           match=f"^{re.escape(str(shard))}: {size - 10} bytes, its manifest "
+                                 f"says {size} "):
+            check(path)
+    shard.unlink()
+    for check in (checkpoint.check_sizes, checkpoint.verify):
+        with pytest.raises(checkpoint.CorruptCheckpointError,
+                           match=f"^{re.escape(str(shard))}: missing \\(listed in the "
+                                 "manifest\\)$"):
+            check(path)
+
+
 def test_rng_round_trip(dist1):
     """Every generator: draws after a restore (from JSON) equal the draws after the capture."""
     import random
@@ -286,3 +338,48 @@ def test_rng_round_trip(dist1):
     assert first[:3] == second[:3]
     assert torch.equal(first[3], second[3]) and torch.equal(first[4], second[4])
     assert not torch.equal(first[3], first[4])
+
+
+def test_rng_snapshot_restore(dist1):
+    """In memory (trainer/step_cache.py's replay): every generator draws the same after each
+    restore of one snapshot, tracker streams kept as ByteTensors or as torch.Generators."""
+    import random
+
+    import numpy as np
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    from trainer.distributed import rng
+
+    tracker = get_cuda_rng_tracker()
+    byte_states = tracker.get_states()
+    names = sorted(byte_states)
+
+    def draws():
+        with tracker.fork():
+            tracked = torch.rand(3)
+        return (random.random(), float(np.random.randn()), torch.rand(3), tracked)
+
+    def same(a, b):
+        return a[:2] == b[:2] and all(torch.equal(x, y) for x, y in zip(a[2:], b[2:]))
+
+    snap = rng.snapshot()
+    first = draws()
+    rng.restore(snap)
+    assert same(draws(), first)
+    rng.restore(snap)  # a snapshot restores any number of times
+    assert same(draws(), first) and not torch.equal(first[2], first[3])
+
+    gens = {n: torch.Generator().manual_seed(i) for i, n in enumerate(names)}
+    try:  # cudagraph-safe trackers keep torch.Generator objects: restored in place
+        tracker.set_states(dict(gens))
+        snap = rng.snapshot()
+        before = [torch.rand(3, generator=gens[n]) for n in names]
+        rng.restore(snap)
+        assert all(tracker.get_states()[n] is gens[n] for n in names)
+        assert all(torch.equal(torch.rand(3, generator=gens[n]), b)
+                   for n, b in zip(names, before))
+        tracker.set_states({n: gens[n] for n in names[1:]})
+        with pytest.raises(ValueError, match="megatron RNG tracker streams differ"):
+            rng.restore(snap)
+    finally:
+        tracker.set_states(byte_states)
