@@ -9,7 +9,8 @@
 - random sets with repeated images (several captions per image) and shared captions equal a
   plain-Python implementation of the documented definition (exact counts, float64);
 - region retrieval, grounding accuracy (IoU >= 0.5, the boundary case included) and zero-shot
-  top-k equal hand computations;
+  top-k equal hand computations; zero-shot top-k on random sets equals the former per-class
+  loop and sklearn's balanced accuracy exactly;
 - CSV eval sets: several rows of one image become one gallery image; missing file / column
   give one EvalSetError line naming the setting;
 - the collective pass through megatron's schedule (evaluate) equals the single-process path
@@ -227,6 +228,56 @@ def test_zero_shot_topk_by_hand():
     assert m2["zero_shot_mean_per_class_recall"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="label 7 but only 6 class names"):
         zero_shot_topk(image, torch.tensor([7, 0, 0, 0]), w)
+
+
+def _zero_shot_loop(image, labels, weights) -> dict:
+    """zero_shot_topk as it was before vectorising (commit 6d8cc3c): a loop over the
+    classes present for the per-class recall."""
+    import numpy as np
+
+    keep = labels >= 0
+    logits = image[keep].float() @ weights.float()
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    target = labels[keep]
+    hit = top == target[:, None]
+    n = int(keep.sum())
+    per_class = np.array([int(hit[target == c, 0].sum()) / int((target == c).sum())
+                          for c in torch.unique(target).tolist()], dtype=np.float64)
+    return {"zero_shot_top1": float(hit[:, 0].sum()) / max(n, 1),
+            "zero_shot_top5": float(hit.any(1).sum()) / max(n, 1),
+            "zero_shot_mean_per_class_recall": float(per_class.mean()) if n else 0.0,
+            "zero_shot_classes": int(weights.shape[1]), "zero_shot_images": n}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_zero_shot_topk_equals_the_class_loop_and_sklearn(seed):
+    """Random sets (3-40 classes, some never a label, ~10% unlabelled, 1-300 images) give
+    exactly (==, floats included) the pre-vectorisation loop's numbers, and the mean
+    per-class recall equals sklearn's balanced_accuracy_score of the top-1 predictions
+    (clip_benchmark's mean_per_class_recall) exactly."""
+    import warnings
+
+    from sklearn.metrics import balanced_accuracy_score
+
+    from trainer.eval.zeroshot import zero_shot_topk
+
+    g = torch.Generator().manual_seed(seed)
+    C = int(torch.randint(3, 41, (1,), generator=g))
+    N = int(torch.randint(1, 301, (1,), generator=g))
+    weights = F.normalize(torch.randn(16, C, generator=g), dim=0)
+    image = F.normalize(torch.randn(N, 16, generator=g), dim=-1)
+    used = torch.randperm(C, generator=g)[:max(1, C * 2 // 3)]   # a third never labelled
+    labels = used[torch.randint(0, len(used), (N,), generator=g)]
+    labels[torch.rand(N, generator=g) < 0.1] = -1
+    got = zero_shot_topk(image, labels, weights)
+    assert got == _zero_shot_loop(image, labels, weights)
+    keep = labels >= 0
+    if keep.any():
+        pred = (image[keep] @ weights).argmax(1)
+        with warnings.catch_warnings():  # "y_pred contains classes not in y_true"
+            warnings.simplefilter("ignore")
+            want = balanced_accuracy_score(labels[keep].numpy(), pred.numpy())
+        assert got["zero_shot_mean_per_class_recall"] == want
 
 
 def test_bad_shapes_name_the_shapes():
