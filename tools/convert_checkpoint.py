@@ -339,7 +339,8 @@ def parser() -> argparse.ArgumentParser:
                      "default read from the weights' shapes)")
     imp.add_argument("--image-size", type=int, default=0,
                      help="import at this image size (vision positional embedding "
-                     "interpolated, as open_clip's resize_pos_embed)")
+                     "interpolated, as open_clip's resize_pos_embed, for every source; "
+                     "transformers' interpolate_pos_encoding uses another bicubic kernel)")
     imp.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None,
                      help="override the activation (OpenAI weights use QuickGELU)")
     imp.add_argument("--out", required=True, help="checkpoint root to create")

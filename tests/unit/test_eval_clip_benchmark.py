@@ -19,48 +19,13 @@ from PIL import Image
 
 import clip_benchmark  # noqa: F401  (make setup installs it --no-deps: a missing one fails)
 import sklearn  # noqa: F401  (what clip_benchmark's zeroshot_classification imports)
+from eval_data import tiny_export, write_tar
 
 ROOT = Path(__file__).resolve().parents[2]
 S = 32
 CLASSES = ["apple", "boat", "cat", "dog", "eagle", "fern"]
 TEMPLATES = ["a photo of a {c}.", "a blurry photo of the {c}."]
 WORDS = ["red", "small", "old", "wet", "bright", "dark", "striped", "tiny", "huge", "quiet"]
-
-
-def tiny_export(directory: Path, seed: int = 0) -> None:
-    """A trainer/hub.py export of a tiny dense CLIP with random weights."""
-    import dataclasses
-
-    from safetensors.torch import save_file
-
-    from trainer import hub
-    from trainer.config import ModelConfig
-    from trainer.data.config import TokenizerConfig
-    from trainer.io import sha256
-
-    cfg = ModelConfig()
-    cfg.vision.image_size = S
-    cfg.text.context_length = 16
-    torch.manual_seed(seed)
-    model = hub.UpCLIPModel(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1 and "ln" in name and name.endswith("weight"):
-                p.fill_(1.0)
-            elif name != "logit_scale":
-                p.normal_(0, 0.2 if p.dim() > 1 else 0.02)
-    directory.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              str(directory / hub.WEIGHTS_FILE))
-    tok = dataclasses.asdict(TokenizerConfig(context_length=16))
-    (directory / hub.CONFIG_FILE).write_text(json.dumps({
-        "format": hub.FORMAT, "format_version": hub.FORMAT_VERSION,
-        "model": dataclasses.asdict(cfg), "tokenizer": tok, "weights": hub.WEIGHTS_FILE,
-        "preprocess": {"image_size": S, "interpolation": "bicubic",
-                       "mean": [0.48145466, 0.4578275, 0.40821073],
-                       "std": [0.26862954, 0.26130258, 0.27577711]}}))
-    (directory / hub.CHECKSUMS_FILE).write_text("".join(
-        f"{sha256(directory / n)}  {n}\n" for n in (hub.CONFIG_FILE, hub.WEIGHTS_FILE)))
 
 
 def image_bytes(rng: np.random.Generator, fmt: str) -> bytes:
@@ -72,17 +37,6 @@ def image_bytes(rng: np.random.Generator, fmt: str) -> bytes:
     buf = io.BytesIO()
     Image.fromarray((np.clip(arr, 0, 1) * 255).astype(np.uint8)).save(buf, format=fmt)
     return buf.getvalue()
-
-
-def write_tar(path: Path, samples: list[dict]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for s in samples:
-            for ext, payload in s.items():
-                if ext == "__key__":
-                    continue
-                info = tarfile.TarInfo(f"{s['__key__']}.{ext}")
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
 
 
 @pytest.fixture(scope="module")

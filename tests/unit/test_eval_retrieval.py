@@ -9,14 +9,17 @@
 - random sets with repeated images (several captions per image) and shared captions equal a
   plain-Python implementation of the documented definition (exact counts, float64);
 - region retrieval, grounding accuracy (IoU >= 0.5, the boundary case included) and zero-shot
-  top-k equal hand computations;
+  top-k equal hand computations; zero-shot top-k on random sets equals the former per-class
+  loop and sklearn's balanced accuracy exactly;
 - CSV eval sets: several rows of one image become one gallery image; missing file / column
   give one EvalSetError line naming the setting;
 - the collective pass through megatron's schedule (evaluate) equals the single-process path
   (embed_plain + compute_metrics) on real Fashion-MNIST shards with CLOC regions and the
   grounding head, for the tiny CLIP at world 1 (embeddings and located boxes to 1e-5, metrics
   exactly);
-- tools/evaluate.py: bad input ends with exit 2 and one ``error:`` line.
+- tools/evaluate.py: bad input ends with exit 2 and one ``error:`` line; ``--exported`` on a
+  CLOC export with the grounding head reports grounding_acc50 equal to the IoU >= 0.5 count
+  ratio of boxes located by calling the model directly (exact).
 """
 import math
 import subprocess
@@ -227,6 +230,56 @@ def test_zero_shot_topk_by_hand():
         zero_shot_topk(image, torch.tensor([7, 0, 0, 0]), w)
 
 
+def _zero_shot_loop(image, labels, weights) -> dict:
+    """zero_shot_topk as it was before vectorising (commit 6d8cc3c): a loop over the
+    classes present for the per-class recall."""
+    import numpy as np
+
+    keep = labels >= 0
+    logits = image[keep].float() @ weights.float()
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    target = labels[keep]
+    hit = top == target[:, None]
+    n = int(keep.sum())
+    per_class = np.array([int(hit[target == c, 0].sum()) / int((target == c).sum())
+                          for c in torch.unique(target).tolist()], dtype=np.float64)
+    return {"zero_shot_top1": float(hit[:, 0].sum()) / max(n, 1),
+            "zero_shot_top5": float(hit.any(1).sum()) / max(n, 1),
+            "zero_shot_mean_per_class_recall": float(per_class.mean()) if n else 0.0,
+            "zero_shot_classes": int(weights.shape[1]), "zero_shot_images": n}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_zero_shot_topk_equals_the_class_loop_and_sklearn(seed):
+    """Random sets (3-40 classes, some never a label, ~10% unlabelled, 1-300 images) give
+    exactly (==, floats included) the pre-vectorisation loop's numbers, and the mean
+    per-class recall equals sklearn's balanced_accuracy_score of the top-1 predictions
+    (clip_benchmark's mean_per_class_recall) exactly."""
+    import warnings
+
+    from sklearn.metrics import balanced_accuracy_score
+
+    from trainer.eval.zeroshot import zero_shot_topk
+
+    g = torch.Generator().manual_seed(seed)
+    C = int(torch.randint(3, 41, (1,), generator=g))
+    N = int(torch.randint(1, 301, (1,), generator=g))
+    weights = F.normalize(torch.randn(16, C, generator=g), dim=0)
+    image = F.normalize(torch.randn(N, 16, generator=g), dim=-1)
+    used = torch.randperm(C, generator=g)[:max(1, C * 2 // 3)]   # a third never labelled
+    labels = used[torch.randint(0, len(used), (N,), generator=g)]
+    labels[torch.rand(N, generator=g) < 0.1] = -1
+    got = zero_shot_topk(image, labels, weights)
+    assert got == _zero_shot_loop(image, labels, weights)
+    keep = labels >= 0
+    if keep.any():
+        pred = (image[keep] @ weights).argmax(1)
+        with warnings.catch_warnings():  # "y_pred contains classes not in y_true"
+            warnings.simplefilter("ignore")
+            want = balanced_accuracy_score(labels[keep].numpy(), pred.numpy())
+        assert got["zero_shot_mean_per_class_recall"] == want
+
+
 def test_bad_shapes_name_the_shapes():
     from trainer.eval.retrieval import image_text_retrieval, ranks
 
@@ -363,3 +416,80 @@ def test_schedule_pass_equals_plain_pass_with_regions(dist1, tmp_path):
                          "zero_shot_mean_per_class_recall", "zero_shot_classes", "acc1", "acc5",
                          "mean_per_class_recall"}
     assert only["zero_shot_top1"] == got["zero_shot_top1"]
+
+
+def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of xyxy boxes ``[M, 4]`` row by row, float64, written out here."""
+    a, b = a.double(), b.double()
+    w = (torch.minimum(a[:, 2], b[:, 2]) - torch.maximum(a[:, 0], b[:, 0])).clamp(min=0)
+    h = (torch.minimum(a[:, 3], b[:, 3]) - torch.maximum(a[:, 1], b[:, 1])).clamp(min=0)
+    inter = w * h
+    area = ((a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]) + (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))
+    return inter / (area - inter)
+
+
+def test_evaluate_cli_grounding_accuracy_of_an_export(tmp_path):
+    """tools/evaluate.py --exported on a CLOC export with the grounding head (tiny preset,
+    random weights) and a region shard written here: grounding_acc50 equals the fraction of
+    regions whose box, located by calling the model directly (open_clip's eval transform,
+    locate_regions on each region caption's normalised text embedding), has IoU >= 0.5 with
+    the region's box (exact: a ratio of counts); grounding_miou within 1e-6. The regions' boxes
+    are made from those direct predictions: every other one the predicted box clipped to the
+    image (the boxes reach past the edges: IoU 0.46-1, 8 of 9 hits), the rest that box shrunk
+    to 0.6 of its sides (IoU <= 0.36: a miss), so the expected accuracy is neither 0 nor 1
+    (8/18); no IoU lies within 1e-3 of 0.5. The shrunk boxes are 1.5-4 px wide:
+    ``data.augment.min_box_size=0.5`` keeps them all."""
+    import io
+    import json
+
+    import numpy as np
+    import open_clip
+    from PIL import Image
+
+    from eval_data import tiny_export, write_tar
+    from trainer import hub
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import evaluate as cli
+
+    S, n_images, per_image = 32, 6, 3
+    tiny_export(tmp_path / "export", seed=4, size=S, prompter_layers=1, grounding=True)
+    model, tok = hub.load(tmp_path / "export"), hub.load_tokenizer(tmp_path / "export")
+    rng = np.random.default_rng(0)
+    pngs, pixels, captions = [], [], []
+    pre = open_clip.image_transform(S, is_train=False)
+    for i in range(n_images):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (S, S, 3), dtype=np.uint8)).save(buf, "PNG")
+        pngs.append(buf.getvalue())
+        pixels.append(pre(Image.open(io.BytesIO(pngs[-1]))))
+        captions.append([f"the {w} thing number {i}" for w in ("red", "round", "left")[:per_image]])
+    images = torch.stack(pixels)                                              # [6, 3, S, S]
+    with torch.no_grad():
+        text = F.normalize(model.encode_text(tok(sum(captions, []))), dim=-1)
+        pred = model.locate_regions(images, text.view(n_images, per_image, -1))  # [6, 3, 4]
+    pred = pred.reshape(-1, 4)                                                # [M, 4]
+    target = pred.clamp(0, 1)
+    centre, half = (target[:, :2] + target[:, 2:]) / 2, (target[:, 2:] - target[:, :2]) / 2
+    shrunk = torch.cat([centre - 0.6 * half, centre + 0.6 * half], dim=1)
+    miss = torch.arange(len(target)) % 2 == 1
+    target[miss] = shrunk[miss]
+    iou = _iou(pred, target)
+    want_acc = int((iou >= 0.5).sum()) / len(iou)
+    assert 0 < want_acc < 1 and bool((iou[miss] < 0.37).all())
+    assert bool(((iou - 0.5).abs() > 1e-3).all())  # no IoU that 1e-6 of box noise could flip
+
+    boxes = (target * S).tolist()  # stored-image pixels: the eval transform keeps S x S as is
+    write_tar(tmp_path / "regions-000.tar", [
+        {"__key__": f"s{i}", "png": pngs[i], "txt": f"picture {i}".encode(),
+         "json": json.dumps({"caption": f"picture {i}", "regions": [
+             {"bbox": boxes[i * per_image + j], "caption": captions[i][j]}
+             for j in range(per_image)]}).encode()} for i in range(n_images)])
+    out = tmp_path / "eval.json"
+    assert cli.main(["--exported", str(tmp_path / "export"), "--eval-urls",
+                     str(tmp_path / "regions-000.tar"), "--out", str(out), "data.workers=0",
+                     "data.eval_batch_size=4", "data.augment.min_box_size=0.5"]) == 0
+    got = json.loads(out.read_text())["metrics"]
+    assert got["grounding_regions"] == len(iou) == n_images * per_image
+    assert got["grounding_acc50"] == want_acc
+    assert got["grounding_miou"] == pytest.approx(float(iou.mean()), abs=1e-6)

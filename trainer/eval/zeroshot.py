@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -56,13 +55,15 @@ def zero_shot_topk(image: torch.Tensor, labels: torch.Tensor,
         raise ValueError(f"label {int(labels.max())} but only {weights.shape[1]} class names")
     logits = image[keep].float() @ weights.to(image.device).float()          # [n, C]
     top = logits.topk(min(5, logits.shape[1]), dim=1).indices                # [n, 5]
-    target = labels[keep]
-    hit = top == target[:, None]
+    target = labels[keep]                                                    # [n]
+    hit = top == target[:, None]                                             # [n, 5]
     n = int(keep.sum())
-    present = torch.unique(target)
-    # per class: hits / count in float64, averaged with numpy (sklearn's exact arithmetic)
-    per_class = np.array([int(hit[target == c, 0].sum()) / int((target == c).sum())
-                          for c in present.tolist()], dtype=np.float64)
+    # per class present, in class order: top-1 hits / images, int64 counts divided in float64
+    # and averaged with numpy (sklearn's balanced-accuracy arithmetic, bit for bit)
+    count = torch.bincount(target, minlength=weights.shape[1]).cpu().numpy()            # [C]
+    hits = torch.bincount(target[hit[:, 0]], minlength=weights.shape[1]).cpu().numpy()  # [C]
+    present = count > 0
+    per_class = hits[present] / count[present]
     return {"zero_shot_top1": float(hit[:, 0].sum()) / max(n, 1),
             "zero_shot_top5": float(hit.any(1).sum()) / max(n, 1),
             "zero_shot_mean_per_class_recall": float(per_class.mean()) if n else 0.0,

@@ -130,8 +130,10 @@ def _import(sd: dict, cfg: ModelConfig, top: dict, towers: tuple, block: dict, r
 
 def resize_pos_embed(pos: torch.Tensor, grid: int) -> torch.Tensor:
     """``[1 + g*g, D]`` vision positional embedding -> ``[1 + grid*grid, D]``: class token kept,
-    the grid resized as open_clip's ``resize_pos_embed`` does (bicubic, antialias,
-    align_corners=False)."""
+    the grid resized as open_clip's ``resize_pos_embed`` and timm's ``resample_abs_pos_embed``
+    do (bicubic, antialias: torch's PIL-style kernel, a = -0.5; align_corners=False), for every
+    source. transformers' ``interpolate_pos_encoding`` uses plain bicubic (a = -0.75, no
+    antialias), which differs even when upsampling (tests/unit/test_import_openai.py)."""
     if pos.shape[0] == grid * grid + 1:
         return pos
     old = math.isqrt(pos.shape[0] - 1)
