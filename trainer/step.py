@@ -4,7 +4,8 @@ schedule, the loss on the last pipeline stage.
     model = build_for_training(cfg, layout)   # trainer/models/build.py
     ddp = wrap_ddp(model)                     # trainer/distributed/grads.py
     opt = build_optimizer(model, cfg.train)   # trainer/optim.py
-    metrics = forward_backward(ddp, microbatches, cfg)
+    plan_regions(host_microbatches, cfg.train)  # CLOC: region counts, one collective per step
+    metrics = forward_backward(ddp, to_device(host_microbatches), cfg)
     finalize_grads(ddp, layout)               # DP / expert-DP reduce, routers over TP
     norm = clip_grads(ddp, layout, cfg.train.grad_clip)
     set_lr(opt, lr_at(step, cfg.train)); opt.step(); zero_grads(ddp, opt)
@@ -23,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.config import Config, TrainConfig
-from trainer.distributed.collectives import max_over_expert_group
+from trainer.distributed.collectives import all_gather_ints, group_ranks, max_over_expert_group
 from trainer.distributed.grads import unwrap
 from trainer.losses import clip_loss, grounding_loss, region_text_loss, siglip_loss
 
@@ -56,13 +57,15 @@ def compute_loss(out: dict, batch: dict, cfg: TrainConfig) -> tuple[torch.Tensor
                                   out["region_text_features"].float(),
                                   batch["region_mask"], scale, group=group,
                                   region_text_ids=(batch["region_text"]
-                                                   if cfg.region_dedupe_captions else None))
+                                                   if cfg.region_dedupe_captions else None),
+                                  valid_count=batch.get("region_total"))
         metrics["region_loss"] = region.detach().clone()
         loss = loss + cfg.region_loss_weight * region
     if "region_box_pred" in out:
         ground = grounding_loss(out["region_box_pred"], batch["region_boxes"],
                                 batch["region_mask"], cfg.grounding_l1_weight,
-                                cfg.grounding_giou_weight, cfg.grounding_l2_weight, group=group)
+                                cfg.grounding_giou_weight, cfg.grounding_l2_weight, group=group,
+                                valid_count=batch.get("region_total"))
         metrics["grounding_loss"] = ground.detach().clone()
         loss = loss + cfg.grounding_loss_weight * ground
     # a copy: the schedule divides the returned loss by num_microbatches in place
@@ -78,23 +81,58 @@ def route_labels(model: torch.nn.Module, labels: torch.Tensor | None) -> None:
             m.class_labels = labels
 
 
+def uses_regions(batch: dict, cfg: TrainConfig) -> bool:
+    """Whether the training forward runs CLOC's region tasks on ``batch``."""
+    return (cfg.region_loss_weight > 0 or cfg.grounding_loss_weight > 0) and "region_boxes" in batch
+
+
+def plan_regions(microbatches: list[dict], cfg: TrainConfig) -> None:
+    """Collective over the world, once per optimizer step (every rank, the same number of
+    micro-batches). Adds to each micro-batch with regions two plain ints:
+
+    - ``region_rows``: the largest count of present regions of the micro-batch over this
+      rank's expert-parallel group (the region-caption rows its text tower runs, region_inputs);
+    - ``region_total``: the present regions summed over the group the region and grounding
+      losses normalise over (``contrastive_group``: the data-parallel group, or this rank).
+
+    Call it on the host batches, before they move to the device: the counts are then read
+    from CPU masks (no device sync), and ONE all-gather over the world of each rank's
+    per-micro-batch counts (``[world, m]`` int64) gives both, each rank reducing over the
+    members of its two groups (EP and DP differ: EP lies inside TP x DP, so one all-reduce
+    cannot serve both). Without a plan, region_inputs and the losses compute the same numbers
+    per micro-batch (a host read, an EP all-reduce and a DP all-reduce each time)."""
+    if not microbatches or not uses_regions(microbatches[0], cfg):
+        return
+    local = torch.stack([mb["region_mask"].sum() for mb in microbatches]).tolist()   # [m]
+    every = all_gather_ints(local)                                                  # [world][m]
+    from megatron.core import parallel_state as ps
+    ep = group_ranks(ps.get_expert_model_parallel_group())
+    dp = group_ranks(contrastive_group(cfg))
+    for i, mb in enumerate(microbatches):
+        mb["region_rows"] = max(every[r][i] for r in ep)
+        mb["region_total"] = sum(every[r][i] for r in dp)
+
+
 def region_inputs(batch: dict, ground: bool = False) -> dict:
     """The model's region arguments for a batch with regions: boxes, captions, the mask of
     the present regions, and how many region-caption rows the text tower runs (packed: the
     present regions only, padded to the largest count of the expert-parallel group, whose
     all-to-alls need equal shapes); ``ground``: also the boxes the region captions locate
-    (CLOC's grounding task). One host read of the count per microbatch."""
+    (CLOC's grounding task). The row count is the batch's ``region_rows`` when planned
+    (plan_regions), else one host read of the count and an all-reduce over EP."""
     mask = batch["region_mask"]
+    rows = batch.get("region_rows")
+    if rows is None:
+        rows = max_over_expert_group(int(mask.sum()))
     return {"region_boxes": batch["region_boxes"], "region_text": batch["region_text"],
-            "region_mask": mask, "region_rows": max_over_expert_group(int(mask.sum())),
-            "ground": ground}
+            "region_mask": mask, "region_rows": rows, "ground": ground}
 
 
 def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module, cfg: TrainConfig):
     batch = next(data_iterator)
     route_labels(model, batch.get("labels"))
     ground = cfg.grounding_loss_weight > 0
-    regions = (cfg.region_loss_weight > 0 or ground) and "region_boxes" in batch
+    regions = uses_regions(batch, cfg)
     # no autocast: the parameters' dtype (train.precision, trainer/distributed/device.py)
     # is the compute dtype, as in megatron; the losses run in fp32
     output = model(batch.get("images"), batch.get("text"),
@@ -125,6 +163,9 @@ def forward_backward(model: torch.nn.Module, microbatches: list[dict], cfg: Conf
     # MoE aux losses ride on the layer outputs; their gradient is scaled like the main loss
     # (which the schedule divides by the number of microbatches).
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / len(microbatches)))
+    if "region_rows" not in microbatches[0]:  # the trainer plans on the host batches
+        microbatches = [dict(mb) for mb in microbatches]   # the caller's dicts stay as given
+        plan_regions(microbatches, cfg.train)
     if cfg.train.contrastive_scope == "step" and not forward_only:
         from trainer.step_cache import step_forward_backward
         return step_forward_backward(model, microbatches, cfg, run_schedule)

@@ -65,8 +65,11 @@ def step_loss_grads(outputs: list[dict], microbatches: list[dict], cfg: Config
         if isinstance(v, torch.Tensor) and v.is_floating_point():
             whole = torch.cat([o[k] for o in outputs]) if v.dim() else v
             leaves[k] = whole.detach().requires_grad_(True)
+    batch = _concat(microbatches, _SKIP_BATCH_KEYS)
+    if "region_total" in batch:  # planned per micro-batch (trainer.step.plan_regions): the step's
+        batch["region_total"] = sum(mb["region_total"] for mb in microbatches)
     with torch.enable_grad():
-        loss, metrics = compute_loss(leaves, _concat(microbatches, _SKIP_BATCH_KEYS), cfg.train)
+        loss, metrics = compute_loss(leaves, batch, cfg.train)
         loss.backward()
     sizes = [o[next(k for k, v in leaves.items() if v.dim())].shape[0] for o in outputs]
     grads: list[dict] = [{} for _ in outputs]

@@ -181,7 +181,9 @@ class Trainer:
         """Forward, backward, gradient sync and clipping, then the update unless some rank
         saw a non-finite loss or norm (all ranks agree in one all-reduce, stop signals too)."""
         t, ts = self.cfg.train, time.time()
-        microbatches = [to_device(b, self.device, self.cfg) for b in self.batches.next(step)]
+        host = self.batches.next(step)
+        S.plan_regions(host, t)  # CLOC's region counts from the CPU masks: one collective
+        microbatches = [to_device(b, self.device, self.cfg) for b in host]
         lr = optim.lr_at(step, t)
         optim.set_lr(self.optimizer, lr)
         calls_before = kernels.BACKEND_CALLS.copy()

@@ -1,7 +1,8 @@
 """Small collectives over the default process group, no-ops in a plain single process.
 
 Used by checkpointing, export and the tools: whole Python objects, not tensors (the training
-step's tensor collectives live in trainer/distributed/grads.py and the loss gather).
+step's tensor collectives live in trainer/distributed/grads.py and the loss gather), and the
+small integer plans of a training step (``all_gather_ints``: trainer/step.py's region plan).
 """
 from __future__ import annotations
 
@@ -72,6 +73,14 @@ def on_rank0(fn, *args, error_type: type[Exception] = RuntimeError, **kwargs):
     return result
 
 
+def _collective_device() -> torch.device:
+    """Where a small tensor for a collective of the default backend must live: the current
+    CUDA device under NCCL (it takes no CPU tensors), else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def max_over_expert_group(n: int) -> int:
     """The largest ``n`` of this rank's expert-parallel group (megatron's): sizes that the
     MoE all-to-alls need equal on every member. ``n`` itself outside EP > 1."""
@@ -79,6 +88,26 @@ def max_over_expert_group(n: int) -> int:
 
     if not dist.is_initialized() or ps.get_expert_model_parallel_world_size() == 1:
         return n
-    t = torch.tensor([n], dtype=torch.long)
+    t = torch.tensor([n], dtype=torch.long, device=_collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ps.get_expert_model_parallel_group())
     return int(t)
+
+
+def group_ranks(group) -> list[int]:
+    """The global ranks of ``group`` in group order; ``[rank()]`` for None (this rank alone)."""
+    if group is None or not dist.is_initialized():
+        return [rank()]
+    return dist.get_process_group_ranks(group)
+
+
+def all_gather_ints(values: list[int]) -> list[list[int]]:
+    """Every rank's ``values`` (the same length on every rank), indexed by global rank: ONE
+    all-gather of a small int64 tensor over the world and one host read of the result (on the
+    current CUDA device under NCCL, which takes no CPU tensors). ``[values]`` in a plain
+    single process."""
+    if world() == 1:
+        return [list(values)]
+    mine = torch.tensor(values, dtype=torch.long, device=_collective_device())  # [m]
+    parts = [torch.empty_like(mine) for _ in range(world())]
+    dist.all_gather(parts, mine)
+    return torch.stack(parts).tolist()                                          # [world][m]

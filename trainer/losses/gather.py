@@ -104,6 +104,13 @@ def sum_over_group(x: torch.Tensor, group=None) -> torch.Tensor:
     return total
 
 
+def count_tensor(count: int, like: torch.Tensor) -> torch.Tensor:
+    """A count of valid rows known on the host (at least 1) as a 0-dim tensor of ``like``'s
+    dtype and device, equal to ``mask.sum().clamp(min=1).to(dtype)``: a fill, not a copy from
+    the host, so no device sync."""
+    return torch.full((), max(int(count), 1), dtype=like.dtype, device=like.device)
+
+
 def all_gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
     """``x [b, ...]`` on every rank of ``group`` -> ``[world*b, ...]``, rank ``r``'s rows at
     ``r*b:(r+1)*b`` (ranks in group order). Backward: rank ``s`` receives the SUM over ranks of

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.losses.gather import group_size, sum_over_group
+from trainer.losses.gather import count_tensor, group_size, sum_over_group
 
 EPS = 1e-7  # torchvision.ops.generalized_box_iou_loss's default
 
@@ -45,12 +45,14 @@ def box_iou_giou(a: torch.Tensor, b: torch.Tensor, eps: float = EPS
 
 def grounding_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
                    l1_weight: float = 5.0, giou_weight: float = 2.0, l2_weight: float = 0.0,
-                   group=None) -> torch.Tensor:
+                   group=None, valid_count: int | None = None) -> torch.Tensor:
     """``pred``, ``target`` ``[b, R, 4]`` xyxy in fractions of the image (padding slots may
     hold anything finite); ``mask [b, R]`` bool, True for real regions; ``group``: the
     data-parallel group (None: this batch only). Returns this rank's share of the global mean
     over valid regions (see the module docstring); an exact zero connected to the graph when
-    no rank has a valid region. One tiny all-reduce (the count) when ``group`` has >1 rank."""
+    no rank has a valid region. ``valid_count``: the valid regions of the whole group when the
+    caller knows it (trainer/step.py's plan_regions); None: one tiny all-reduce of the count
+    when ``group`` has >1 rank."""
     valid = mask.bool()
     dtype = torch.promote_types(pred.dtype, torch.float32)   # fp32 at least (bf16 models)
     pred, target = pred.to(dtype), target.to(dtype)
@@ -58,5 +60,6 @@ def grounding_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
     per = l1_weight * diff.abs().sum(-1) + l2_weight * diff.square().mean(-1)  # [b, R]
     if giou_weight:
         per = per + giou_weight * (1.0 - box_iou_giou(pred, target)[1])
-    total = sum_over_group(valid.sum(), group).clamp(min=1).to(per.dtype)
+    total = (sum_over_group(valid.sum(), group).clamp(min=1).to(per.dtype) if valid_count is None
+             else count_tensor(valid_count, per))
     return torch.where(valid, per, 0.0).sum() * group_size(group) / total

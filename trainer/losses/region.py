@@ -28,22 +28,25 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from trainer.losses.gather import (all_gather_no_grad, all_gather_with_grad, group_rank,
-                                   group_size)
+from trainer.losses.gather import (all_gather_no_grad, all_gather_with_grad, count_tensor,
+                                   group_rank, group_size)
 
 _IGNORE = -100  # cross_entropy's ignore_index, for padding rows
 
 
 def region_text_loss(region_features: torch.Tensor, region_text_features: torch.Tensor,
                      region_mask: torch.Tensor, logit_scale: torch.Tensor,
-                     group=None, region_text_ids: torch.Tensor | None = None) -> torch.Tensor:
+                     group=None, region_text_ids: torch.Tensor | None = None,
+                     valid_count: int | None = None) -> torch.Tensor:
     """``region_features``, ``region_text_features``: ``[b, R, e]``, L2-normalised by the
     caller (trainer/models/clip.py), slot ``[i, k]`` of one paired with slot ``[i, k]`` of
     the other; ``region_mask``: ``[b, R]`` bool, True for real regions (padding slots may hold
     anything finite); ``logit_scale``: already exp'd; ``group``: the data-parallel group
     (None: this batch only; b and R must be equal on all ranks); ``region_text_ids``: ``[b, R,
-    L]`` the captions' token ids (None: every other region is a negative). Returns this rank's
-    share of the global mean (see the module docstring)."""
+    L]`` the captions' token ids (None: every other region is a negative); ``valid_count``:
+    the valid regions of the whole group when the caller knows it (trainer/step.py's
+    plan_regions; None: counted from the gathered mask). Returns this rank's share of the
+    global mean (see the module docstring)."""
     b, r, e = region_features.shape
     n = b * r
     mask = region_mask.reshape(n).bool()                                            # [n]
@@ -53,7 +56,8 @@ def region_text_loss(region_features: torch.Tensor, region_text_features: torch.
     gathered = all_gather_with_grad(packed, group)
     all_regions, all_texts, all_mask = gathered.split([e, e, 1], dim=-1)
     all_mask = all_mask.detach().squeeze(-1) > 0.5                                  # [world*n]
-    total_valid = all_mask.sum().clamp(min=1).to(region_features.dtype)
+    total_valid = (all_mask.sum().clamp(min=1).to(region_features.dtype) if valid_count is None
+                   else count_tensor(valid_count, region_features))
 
     regions = region_features.reshape(n, e)
     texts = region_text_features.reshape(n, e)
