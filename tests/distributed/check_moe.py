@@ -21,7 +21,11 @@ and checks the tolerances):
 - the global grad norm and the clipped gradients at EP=2 / EP=4 / dropless / TP=2 x EP=2 /
   PP=2 x EP=2 vs that single process (float64 norm of its full gradient);
 - TP=2 x DP=2 (dense) with the global contrastive loss on vs one process computing the
-  global batch (both DP ranks' micro-batches) as one contrastive batch.
+  global batch (both DP ranks' micro-batches) as one contrastive batch;
+- CLOC's region plan (trainer/step.py ``plan_regions``: one all-gather over the world) at
+  DP=4 x EP=2, EP=4, TP=2 x EP=2 and PP=2 x EP=2, global contrastive on and off, region
+  masks different on every rank: equal to the per-micro-batch numbers it replaces (the max
+  over the EP group of the mask's count, the sum over the loss's DP group).
 """
 import json
 import sys
@@ -187,6 +191,32 @@ def global_contrastive_case(dense, dense_cfg, world, images, text, dense_ckpt, o
     out["tp2_global_grad_norm_rel"] = abs(G.global_grad_norm(ddp, layout) - ref_norm) / ref_norm
 
 
+def region_plan_layouts(world: int, out: dict) -> None:
+    """``plan_regions`` vs ``max_over_expert_group(int(mask.sum()))`` and
+    ``sum_over_group(mask.sum(), contrastive group)`` per micro-batch (no model)."""
+    from trainer.distributed.collectives import max_over_expert_group
+    from trainer.losses.gather import sum_over_group
+
+    g = torch.Generator().manual_seed(7 + torch.distributed.get_rank())
+    layouts = (("ep2", dict(ep=2)), ("ep4", dict(ep=4)), ("tp2ep2", dict(tp=2, ep=2)),
+               ("pp2ep2", dict(pp=2, ep=2)))
+    for name, kw in layouts:
+        for gc in (True, False):
+            cfg = load_config(None, overrides(**kw, global_contrastive=gc) + [
+                "model.prompter.layers=1", "train.region_loss_weight=1.0"])
+            layout_for(cfg, world)
+            mbs = [{"region_boxes": torch.zeros(2, 3, 4),
+                    "region_mask": torch.rand(2, 3, generator=g) > 0.5} for _ in range(4)]
+            S.plan_regions(mbs, cfg.train)
+            group = S.contrastive_group(cfg.train)
+            key = f"region_plan_{name}_gc{int(gc)}"
+            out[key] = [[mb["region_rows"], mb["region_total"]] for mb in mbs]
+            out[key + "_old"] = [[max_over_expert_group(int(mb["region_mask"].sum())),
+                                  int(sum_over_group(mb["region_mask"].sum(), group))]
+                                 for mb in mbs]
+            out[key + "_local"] = [int(mb["region_mask"].sum()) for mb in mbs]
+
+
 def main():
     workdir = Path(sys.argv[1])
     launch = read_launch_env()
@@ -275,6 +305,7 @@ def main():
     img, txt = embeddings(model, images, text)
     out["cli_upcycle_preserve"] = max(max_abs(img, dense_img), max_abs(txt, dense_txt))
     out["cli_upcycle_reached_min"], out["cli_upcycle_unreached"] = experts_reached(model)
+    region_plan_layouts(world, out)
     (workdir / f"result_rank{rank}.json").write_text(json.dumps(out, indent=1))
     ParallelLayout.destroy()
     torch.distributed.destroy_process_group()

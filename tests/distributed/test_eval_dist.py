@@ -14,6 +14,14 @@ The compute dial on the megatron model: ``tools/evaluate.py --checkpoint --sweep
 {2, 1} x eval capacity factor {4, 0.5}: the trained setting (2, 4) reproduces the metrics
 exactly, and every row's FLOPs equal trainer/metrics.py's ``inference_flops_per_sample`` of
 the saved config with that setting (exact), printed in the table.
+
+CLOC's region counts planned once per step (trainer/step.py ``plan_regions``) at DP=2 x EP=2,
+4 micro-batches with different masks per rank: equal (==) to the per-micro-batch EP max and
+DP sum they replace; a training step (region + grounding loss) on planned micro-batches equals
+the unplanned one bit for bit (metrics ==, gradients 0.0 apart) at both contrastive scopes;
+the plan is 1 collective per step, and the step without it makes 2 more integer all-reduces
+per micro-batch (9 at step scope: the EP max per forward, the grounding count once) and 2 more
+host reads per forward (tests/collective_calls.py, tests/host_reads.py).
 """
 import json
 import subprocess
@@ -29,8 +37,35 @@ def run(args: list[str]) -> str:
     return proc.stdout
 
 
+M = 4  # check_eval.py's region-plan micro-batches
+
+
+def check_region_plan(results: list[dict]) -> None:
+    """CLOC's region plan at DP=2 x EP=2 (check_eval.py ``region_plan_case``): the numbers,
+    bit-identical training steps, and one collective per step where there were 2 per
+    micro-batch."""
+    local = [r["local_counts"] for r in results]
+    for r in results:
+        # planned == the per-micro-batch EP max and DP sum; with regions on both ranks
+        assert r["plan_gc1"] == r["old_gc1"] and r["plan_gc0"] == r["old_gc0"], r
+        assert [row for row in r["plan_gc1"]] == [[max(a, b), a + b] for a, b in zip(*local)]
+        assert r["plan_gc1_collectives"] == r["plan_gc0_collectives"] == 1, r
+        for scope, per_mb in (("microbatch", 2 * M), ("step", 2 * M + 1)):
+            p, u = f"{scope}_planned", f"{scope}_unplanned"
+            assert r[f"{scope}_metrics_equal"] is True and r[f"{scope}_grad_max_abs"] == 0.0, r
+            assert r[f"{scope}_grounding_loss"] > 0.1, r
+            # before: an EP max per forward, a DP sum per grounding loss; after: none
+            assert r[f"{u}_int_all_reduce"] == per_mb and r[f"{p}_int_all_reduce"] == 0, r
+            assert r[f"{u}_collectives"] - r[f"{p}_collectives"] == per_mb, r
+            # before: int(mask.sum()) and int(EP max) per forward (2 forwards at step scope)
+            forwards = M if scope == "microbatch" else 2 * M
+            assert r[f"{u}_host_reads"] - r[f"{p}_host_reads"] == 2 * forwards, r
+
+
 def test_eval_dp2_equals_dp1_and_export(tmp_path):
     run_check("check_eval.py", 2, tmp_path, timeout=600)
+    check_region_plan([json.loads((tmp_path / f"plan_rank{r}.json").read_text())
+                       for r in range(2)])
     dp2 = json.loads((tmp_path / "dp2.json").read_text())
     run([str(ROOT / "tools/evaluate.py"), "--checkpoint", str(tmp_path / "ckpt"), "--out",
          str(tmp_path / "dp1.json")])
