@@ -9,8 +9,9 @@ tests/distributed/check_eval.py and check_moe.py):
   the unplanned step bit for bit (loss metrics and every gradient, ==), at both
   ``train.contrastive_scope`` values;
 - host reads during ``forward_backward`` on planned micro-batches do not grow with the number
-  of micro-batches (tests/host_reads.py; before the plan: one per micro-batch, two per
-  micro-batch at ``step`` scope).
+  of micro-batches (tests/host_reads.py; unplanned: one per forward, i.e. one per micro-batch,
+  two at ``step`` scope);
+- the Trainer plans on the host micro-batches, before their device copy.
 """
 import pytest
 import torch
@@ -125,3 +126,38 @@ def test_planned_step_equals_unplanned_and_reads_once(dist1, monkeypatch, scope)
                                                           reads[True, 2].where)
     per_mb = 2 if scope == "step" else 1
     assert reads[False, 4].total - reads[False, 2].total == 2 * per_mb, reads[False, 4].where
+
+
+def test_trainer_plans_before_the_device_copy(dist1, tmp_path, monkeypatch):
+    """The Trainer plans on the host micro-batches: every batch reaches ``to_device`` with
+    its counts, so forward_backward never counts on the device."""
+    import os
+
+    from trainer import trainer as T
+    from trainer.data import batches as D
+    from trainer.distributed import read_launch_env
+
+    synthetic = D.synthetic_microbatches
+
+    def with_regions(cfg, layout, step):
+        out = synthetic(cfg, layout, step)
+        for mb, regions in zip(out, microbatches(len(out), n_per=out[0]["size"])):
+            mb.update({k: v for k, v in regions.items() if k.startswith("region_")})
+        return out
+
+    seen = []
+
+    def to_device(batch, device, cfg):
+        seen.append((batch.get("region_rows"), batch.get("region_total"),
+                     int(batch["region_mask"].sum())))
+        return D.to_device(batch, device, cfg)
+
+    monkeypatch.setattr(D, "synthetic_microbatches", with_regions)
+    monkeypatch.setattr(T, "to_device", to_device)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    cfg = cfg_of(f"run_dir={tmp_path}", "train.steps=1", "train.num_microbatches=2",
+                 "train.micro_batch_size=2", "train.tensorboard=false",
+                 "train.progress_bar=false", "eval.every=0")
+    assert T.Trainer(cfg, read_launch_env(env), dist1).train()["exit_code"] == 0
+    assert len(seen) == 2 and all(rows == total == n for rows, total, n in seen), seen
