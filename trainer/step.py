@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 
 from trainer.config import Config, TrainConfig
-from trainer.distributed.collectives import all_gather_ints, group_ranks, max_over_expert_group
+from trainer.distributed.collectives import (all_gather_ints, expert_group_ranks, group_ranks,
+                                             max_over_expert_group)
 from trainer.distributed.grads import unwrap
 from trainer.losses import clip_loss, grounding_loss, region_text_loss, siglip_loss
 
@@ -100,14 +101,13 @@ def plan_regions(microbatches: list[dict], cfg: TrainConfig) -> None:
     per-micro-batch counts (``[world, m]`` int64) gives both, each rank reducing over the
     members of its two groups (EP and DP differ: EP lies inside TP x DP, so one all-reduce
     cannot serve both). Without a plan, region_inputs and the losses compute the same numbers
-    per micro-batch (a host read, an EP all-reduce and a DP all-reduce each time)."""
+    per micro-batch (a host read, an EP all-reduce and a DP all-reduce each time; the eval
+    loop, trainer/eval/embed.py, gathers its own ``region_rows`` with its lockstep flag)."""
     if not microbatches or not uses_regions(microbatches[0], cfg):
         return
     local = torch.stack([mb["region_mask"].sum() for mb in microbatches]).tolist()   # [m]
     every = all_gather_ints(local)                                                  # [world][m]
-    from megatron.core import parallel_state as ps
-    ep = group_ranks(ps.get_expert_model_parallel_group())
-    dp = group_ranks(contrastive_group(cfg))
+    ep, dp = expert_group_ranks(), group_ranks(contrastive_group(cfg))
     for i, mb in enumerate(microbatches):
         mb["region_rows"] = max(every[r][i] for r in ep)
         mb["region_total"] = sum(every[r][i] for r in dp)

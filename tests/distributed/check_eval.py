@@ -144,11 +144,16 @@ def main(workdir: Path) -> None:
     cfg = load_config(None, overrides(shards))
     layout = ParallelLayout(launch.world_size, ep=2).initialize(seed=0)
     model = B.build_for_training(cfg, layout)
-    result = evaluate(G.wrap_ddp(model), cfg, layout, build_tokenizer(cfg.data.tokenizer))
+    with CollectiveCalls() as calls, HostReads() as reads:
+        result = evaluate(G.wrap_ddp(model), cfg, layout, build_tokenizer(cfg.data.tokenizer))
+    eval_counts = {"eval_collectives": calls.total, "eval_host_reads": reads.total,
+                   "eval_int_all_reduce": calls.count("all_reduce", integer=True),
+                   "eval_region_reads": sum(n for site, n in reads.where.items()
+                                            if "trainer/step.py" in site)}
     checkpoint.save_checkpoint(workdir / "ckpt", 1, model, config_to_dict(cfg), layout)
     if launch.rank == 0:
         (workdir / "dp2.json").write_text(json.dumps(result, indent=1))
-    plan = region_plan_case(shards, launch.world_size)
+    plan = {**eval_counts, **region_plan_case(shards, launch.world_size)}
     (workdir / f"plan_rank{launch.rank}.json").write_text(json.dumps(plan, indent=1))
     torch.distributed.destroy_process_group()
 

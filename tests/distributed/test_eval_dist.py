@@ -21,7 +21,9 @@ DP sum they replace; a training step (region + grounding loss) on planned micro-
 the unplanned one bit for bit (metrics ==, gradients 0.0 apart) at both contrastive scopes;
 the plan is 1 collective per step, and the step without it makes 2 more integer all-reduces
 per micro-batch (9 at step scope: the EP max per forward, the grounding count once) and 2 more
-host reads per forward (tests/collective_calls.py, tests/host_reads.py).
+host reads per forward (tests/collective_calls.py, tests/host_reads.py). The evaluation gets
+its region rows with its lockstep all-gather: no integer all-reduce, no host read in
+trainer/step.py.
 """
 import json
 import subprocess
@@ -46,6 +48,9 @@ def check_region_plan(results: list[dict]) -> None:
     micro-batch."""
     local = [r["local_counts"] for r in results]
     for r in results:
+        # evaluation: the region rows come with the lockstep all-gather (before: an int
+        # all-reduce over EP and 2 host reads in region_inputs per batch)
+        assert r["eval_int_all_reduce"] == 0 and r["eval_region_reads"] == 0, r
         # planned == the per-micro-batch EP max and DP sum; with regions on both ranks
         assert r["plan_gc1"] == r["old_gc1"] and r["plan_gc0"] == r["old_gc0"], r
         assert [row for row in r["plan_gc1"]] == [[max(a, b), a + b] for a, b in zip(*local)]

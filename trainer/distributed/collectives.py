@@ -100,6 +100,16 @@ def group_ranks(group) -> list[int]:
     return dist.get_process_group_ranks(group)
 
 
+def expert_group_ranks() -> list[int]:
+    """The global ranks of this rank's expert-parallel group (megatron's); ``[rank()]``
+    before megatron's groups exist."""
+    from megatron.core import parallel_state as ps
+
+    if not dist.is_initialized() or not ps.model_parallel_is_initialized():
+        return [rank()]
+    return group_ranks(ps.get_expert_model_parallel_group())
+
+
 def all_gather_ints(values: list[int]) -> list[list[int]]:
     """Every rank's ``values`` (the same length on every rank), indexed by global rank: ONE
     all-gather of a small int64 tensor over the world and one host read of the result (on the

@@ -47,6 +47,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from trainer.config import Config
+from trainer.distributed.collectives import all_gather_ints, expert_group_ranks
 
 log = logging.getLogger("upclip")
 
@@ -325,6 +326,7 @@ def embed_distributed(model: torch.nn.Module, cfg: Config, layout, tokenizer, *,
                                                                                 dtype=torch.long),
                         region_mask=torch.zeros(R, dtype=torch.bool))
     batches = eval_batches(cfg, layout.dp_rank, layout.dp, tokenizer)
+    ep = expert_group_ranks()
     step = functools.partial(_forward_step, text=text, regions=regions, train_cfg=cfg.train,
                              ground=ground)
     parts, count = [], 0
@@ -333,12 +335,17 @@ def embed_distributed(model: torch.nn.Module, cfg: Config, layout, tokenizer, *,
             batch = next(batches, None)
             if cfg.eval.max_batches and count >= cfg.eval.max_batches:
                 batch = None
-            more = torch.tensor([0.0 if batch is None else 1.0], device=device)
-            dist.all_reduce(more, op=dist.ReduceOp.MAX)  # lockstep: MoE all-to-alls span ranks
-            if not more.item():
+            # lockstep (MoE all-to-alls span ranks) and the region-caption rows of the EP group
+            # (region_inputs): one all-gather of [has a batch, present regions] per batch, the
+            # count read from the CPU mask
+            present = int(batch["region_mask"].sum()) if regions and batch is not None else 0
+            every = all_gather_ints([int(batch is not None), present])              # [world][2]
+            if not any(has for has, _ in every):
                 break
             count += 1
             mb = _padded(batch, size, template)
+            if regions:
+                mb["region_rows"] = max(every[r][1] for r in ep)
             a = cfg.data.augment
             mb = {k: (t.to(device) if torch.is_tensor(t) else t) for k, t in mb.items()}
             mb["images"] = normalize_on_device(mb["images"], a.mean, a.std)
