@@ -84,12 +84,14 @@ def route_labels(model: torch.nn.Module, labels: torch.Tensor | None) -> None:
 
 def uses_regions(batch: dict, cfg: TrainConfig) -> bool:
     """Whether the training forward runs CLOC's region tasks on ``batch``."""
-    return (cfg.region_loss_weight > 0 or cfg.grounding_loss_weight > 0) and "region_boxes" in batch
+    return ((cfg.region_loss_weight > 0 or cfg.grounding_loss_weight > 0)
+            and "region_boxes" in batch)
 
 
 def plan_regions(microbatches: list[dict], cfg: TrainConfig) -> None:
     """Collective over the world, once per optimizer step (every rank, the same number of
-    micro-batches). Adds to each micro-batch with regions two plain ints:
+    micro-batches; none when neither group spans ranks). Adds to each micro-batch with
+    regions two plain ints:
 
     - ``region_rows``: the largest count of present regions of the micro-batch over this
       rank's expert-parallel group (the region-caption rows its text tower runs, region_inputs);
@@ -106,8 +108,11 @@ def plan_regions(microbatches: list[dict], cfg: TrainConfig) -> None:
     if not microbatches or not uses_regions(microbatches[0], cfg):
         return
     local = torch.stack([mb["region_mask"].sum() for mb in microbatches]).tolist()   # [m]
-    every = all_gather_ints(local)                                                  # [world][m]
     ep, dp = expert_group_ranks(), group_ranks(contrastive_group(cfg))
+    if len(ep) == len(dp) == 1:   # the same on every rank: nothing to exchange
+        every = {ep[0]: local}
+    else:
+        every = all_gather_ints(local)                                              # [world][m]
     for i, mb in enumerate(microbatches):
         mb["region_rows"] = max(every[r][i] for r in ep)
         mb["region_total"] = sum(every[r][i] for r in dp)

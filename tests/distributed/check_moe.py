@@ -23,7 +23,7 @@ and checks the tolerances):
 - TP=2 x DP=2 (dense) with the global contrastive loss on vs one process computing the
   global batch (both DP ranks' micro-batches) as one contrastive batch;
 - CLOC's region plan (trainer/step.py ``plan_regions``: one all-gather over the world) at
-  DP=4 x EP=2, EP=4, TP=2 x EP=2 and PP=2 x EP=2, global contrastive on and off, region
+  DP=4 x EP=1 (no exchange without global contrastive), DP=4 x EP=2, EP=4, TP=2 x EP=2 and PP=2 x EP=2, global contrastive on and off, region
   masks different on every rank: equal to the per-micro-batch numbers it replaces (the max
   over the EP group of the mask's count, the sum over the loss's DP group).
 """
@@ -198,8 +198,8 @@ def region_plan_layouts(world: int, out: dict) -> None:
     from trainer.losses.gather import sum_over_group
 
     g = torch.Generator().manual_seed(7 + torch.distributed.get_rank())
-    layouts = (("ep2", dict(ep=2)), ("ep4", dict(ep=4)), ("tp2ep2", dict(tp=2, ep=2)),
-               ("pp2ep2", dict(pp=2, ep=2)))
+    layouts = (("ep1", dict(ep=1)), ("ep2", dict(ep=2)), ("ep4", dict(ep=4)),
+               ("tp2ep2", dict(tp=2, ep=2)), ("pp2ep2", dict(pp=2, ep=2)))
     for name, kw in layouts:
         for gc in (True, False):
             cfg = load_config(None, overrides(**kw, global_contrastive=gc) + [
