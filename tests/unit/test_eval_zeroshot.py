@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from eval_data import tiny_export
 from trainer.config import load_config
 
 C, T = 40, 7
@@ -38,13 +39,14 @@ def classifier_all_at_once(encode_text, tokenizer, names, templates, device=None
 
 
 @pytest.fixture(scope="module")
-def tower():
+def tower(tmp_path_factory):
+    """The tiny preset's CLIP with random weights (tests/eval_data.py), loaded as an export."""
     from trainer import hub
-    from trainer.config import ModelConfig
     from trainer.eval.names import builtin_classnames, builtin_templates
 
-    torch.manual_seed(0)
-    model = hub.UpCLIPModel(ModelConfig()).eval()  # the tiny preset, random weights
+    export = tmp_path_factory.mktemp("zs") / "export"
+    tiny_export(export)
+    model = hub.load(export).eval()
     return (model, builtin_classnames("imagenet")[:C], builtin_templates("simple_imagenet")[:T])
 
 
@@ -85,6 +87,9 @@ def test_chunked_classifier_equals_the_all_at_once_code(tower, chunk, dtype):
     got = classifier(encoder("new"), bpe(), names, templates, chunk=chunk)
     assert got.shape == (model.encode_text(bpe()(["x"])).shape[1], C)
     assert got.dtype == want.dtype == torch.float32
+    # a real classifier: unit columns, no two classes alike
+    assert torch.allclose(got.norm(dim=0), torch.ones(C), atol=1e-5)
+    assert (got.t() @ got - torch.eye(C)).max() < 0.999
     assert torch.equal(got, want), (got - want).abs().max()
     assert len(seen["new"]) == len(seen["old"]) == -(-C * T // chunk)
     for a, b in zip(seen["new"], seen["old"]):
