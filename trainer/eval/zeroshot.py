@@ -40,9 +40,10 @@ def classifier(encode_text: Callable[[torch.Tensor], torch.Tensor], tokenizer, n
 
     The prompts (tokenised once per tokenizer and set: ``prompts.prompt_tokens``) go through
     ``encode_text`` ``chunk`` at a time; a class's mean is taken as soon as all its templates
-    are encoded, so at most one chunk and one class's embeddings are held besides the
-    ``[C, e]`` result (not all ``C*T``). Equal (``==``) to averaging all ``[C, T, e]`` at once
-    on CPU: the same encoder batches, and the same mean over the templates per class."""
+    are encoded, so about two chunks' prompt embeddings (< ``2*chunk + T`` rows) are held
+    besides the ``[C, e]`` result, never all ``C*T``. Equal (``==``) on CPU to averaging all
+    ``[C, T, e]`` at once: the same encoder batches (their size changes the text tower's bits)
+    and the same mean over each class's templates (an fp64 mean would differ by ~6e-8)."""
     tokens = prompt_tokens(tokenizer, names, templates)                      # [C*T, L] int32
     n_templates = len(templates)
     weights, carry, done = None, None, 0
