@@ -15,15 +15,19 @@ What runs (made here: no download; the numbers do not depend on trained weights)
                   the tokenizer's share of it, timed alone on a fresh tokenizer.
                   Each classifier runs in a fresh subprocess: ``classifier`` is a first eval
                   (a fresh tokenizer), ``classifier_second_eval`` a second one with the same
-                  tokenizer (as the in-training hook calls it every eval.every steps), and
+                  tokenizer (as the in-training hook calls it every eval.every steps),
+                  ``..._besides_text_tower`` that minus the time inside encode_text (the
+                  tokenizer's and the averaging's share: the tower's own time swings by
+                  +-0.5 s with the host's load), and
                   ``classifier_peak_rss_mb`` the peak resident memory of the first eval above
                   the process's resident memory just before it (Linux VmHWM, reset through
                   /proc/self/clear_refs: it sees torch's CPU tensors, which tracemalloc does not).
   zero_shot_topk  ``zero_shot_topk(image, labels, weights)``: --images L2-normalised random
                   embeddings with uniform random labels over --classes (5% unlabelled, -1),
                   against the classifier's weights.
-Seconds are the median of --repeats (the classifier: of min(--repeats, 2)), torch threads as
-given by OMP_NUM_THREADS. --before-ref REF measures the classifier of trainer/eval/zeroshot.py
+Seconds are the median of --repeats (the classifier: of 2 processes x min(--repeats, 2) evals,
+the working tree's and --before-ref's processes alternating), torch threads as given by
+OMP_NUM_THREADS. --before-ref REF measures the classifier of trainer/eval/zeroshot.py
 as of git commit REF in the same run (its weights must equal the current code's: the JSON says
 ``weights_equal``) and records it under "before"; --before PATH instead copies an earlier
 run's seconds.
@@ -110,7 +114,15 @@ def measure_classifier(args) -> dict:
     templates = builtin_templates("openai_imagenet")[:args.templates]
     cfg, model = tiny_text_tower(args.embed_dim)
     classifier = classifier_at(args.ref)
-    first, second, peak = [], [], None
+    first, second, besides, peak = [], [], [], None
+    in_tower = [0.0]
+
+    def encode_text(tokens):  # the text tower, timed
+        t0 = time.perf_counter()
+        out = model.encode_text(tokens)
+        in_tower[0] += time.perf_counter() - t0
+        return out
+
     for _ in range(min(args.repeats, 2)):
         tok = ClipBPETokenizer(context_length=cfg.text.context_length)
         gc.collect()
@@ -118,24 +130,25 @@ def measure_classifier(args) -> dict:
             f.write("5")
         rss = status_kb("VmRSS")
         t0 = time.perf_counter()
-        weights = classifier(model.encode_text, tok, names, templates)
+        weights = classifier(encode_text, tok, names, templates)
         first.append(time.perf_counter() - t0)
         if peak is None:
             peak = (status_kb("VmHWM") - rss) / 1024
-        t0 = time.perf_counter()
-        again = classifier(model.encode_text, tok, names, templates)
+        in_tower[0], t0 = 0.0, time.perf_counter()
+        again = classifier(encode_text, tok, names, templates)
         second.append(time.perf_counter() - t0)
+        besides.append(second[-1] - in_tower[0])
         assert torch.equal(again, weights)
         del tok
     torch.save(weights, args.weights_out)
-    return {"classifier": statistics.median(first),
-            "classifier_second_eval": statistics.median(second),
-            "classifier_peak_rss_mb": peak}
+    return {"classifier": first, "classifier_second_eval": second,
+            "classifier_second_eval_besides_text_tower": besides,
+            "classifier_peak_rss_mb": [peak]}
 
 
 def classifier_in_subprocess(args, ref: str) -> tuple[dict, torch.Tensor]:
     """``measure_classifier`` of ``ref`` (the working tree when empty) in a fresh process:
-    its numbers and the classifier weights."""
+    its samples and the classifier weights."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "weights.pt"
         cmd = [sys.executable, __file__, "--measure-classifier", "--ref", ref,
@@ -144,6 +157,20 @@ def classifier_in_subprocess(args, ref: str) -> tuple[dict, torch.Tensor]:
                str(args.repeats)]
         res = subprocess.run(cmd, check=True, capture_output=True, text=True)
         return json.loads(res.stdout.strip().splitlines()[-1]), torch.load(out)
+
+
+def classifiers(args, refs: list[str], rounds: int = 2) -> dict:
+    """``{ref: (medians, weights)}``: each ref's classifier measured ``rounds`` times in fresh
+    processes, the refs alternating (a host whose load drifts then biases none of them)."""
+    samples: dict = {ref: {} for ref in refs}
+    weights = {}
+    for _ in range(rounds):
+        for ref in refs:
+            got, weights[ref] = classifier_in_subprocess(args, ref)
+            for k, v in got.items():
+                samples[ref].setdefault(k, []).extend(v)
+    return {ref: ({k: statistics.median(v) for k, v in samples[ref].items()}, weights[ref])
+            for ref in refs}
 
 
 def main() -> int:
@@ -181,7 +208,8 @@ def main() -> int:
     t0 = time.perf_counter()
     ClipBPETokenizer(context_length=L)(prompts)
     seconds["tokenize"] = time.perf_counter() - t0
-    measured, weights = classifier_in_subprocess(args, "")
+    runs = classifiers(args, ["", args.before_ref] if args.before_ref else [""])
+    measured, weights = runs[""]
     peak = measured.pop("classifier_peak_rss_mb")
     seconds.update(measured)
     g = torch.Generator().manual_seed(1)
@@ -204,7 +232,7 @@ def main() -> int:
         "loadavg_1_5_15": [round(v, 2) for v in os.getloadavg()],
     }
     if args.before_ref:
-        measured, old = classifier_in_subprocess(args, args.before_ref)
+        measured, old = runs[args.before_ref]
         result["before"] = {
             "what": args.before_label or f"classifier of {args.before_ref}, measured in this run",
             "seconds": {k: round(v, 4) for k, v in measured.items() if k.startswith("classifier")
