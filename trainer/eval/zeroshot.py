@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.config import Config
+from trainer.eval.prompts import prompt_tokens
 
 log = logging.getLogger("upclip")
 
@@ -35,12 +36,29 @@ def classifier(encode_text: Callable[[torch.Tensor], torch.Tensor], tokenizer, n
     """``[e, C]``: per class, the normalised mean of its normalised prompt embeddings.
     ``encode_text``: tokens ``[n, L]`` on ``device`` -> ``[n, e]`` (this repo's CLIP runs its
     text tower, on the last pipeline stage only: a collective there when text MoE layers
-    exchange tokens)."""
-    prompts = [t.format(n) for n in names for t in templates]
-    tokens = tokenizer(prompts).to(device)                                   # [C*T, L]
-    emb = torch.cat([encode_text(tokens[i:i + chunk]) for i in range(0, len(tokens), chunk)])
-    emb = F.normalize(emb.float(), dim=-1).view(len(names), len(templates), -1).mean(1)
-    return F.normalize(emb, dim=-1).t()                                      # [e, C]
+    exchange tokens).
+
+    The prompts (tokenised once per tokenizer and set: ``prompts.prompt_tokens``) go through
+    ``encode_text`` ``chunk`` at a time; a class's mean is taken as soon as all its templates
+    are encoded, so about two chunks' prompt embeddings (< ``2*chunk + T`` rows) are held
+    besides the ``[C, e]`` result, never all ``C*T``. Equal (``==``) on CPU to averaging all
+    ``[C, T, e]`` at once: the same encoder batches (their size changes the text tower's bits)
+    and the same mean over each class's templates (an fp64 mean would differ by ~6e-8)."""
+    tokens = prompt_tokens(tokenizer, names, templates)                      # [C*T, L] int32
+    n_templates = len(templates)
+    weights, carry, done = None, None, 0
+    for i in range(0, len(tokens), chunk):
+        emb = encode_text(tokens[i:i + chunk].to(device=device, dtype=torch.long))   # [n, e]
+        emb = F.normalize(emb.float(), dim=-1)
+        if carry is not None:
+            emb = torch.cat([carry, emb])                        # [r + n, e]: r < T carried
+        full = len(emb) // n_templates                           # classes complete here
+        if weights is None:
+            weights = emb.new_empty(len(names), emb.shape[1])                # [C, e]
+        used = full * n_templates
+        weights[done:done + full] = emb[:used].view(full, n_templates, emb.shape[1]).mean(1)
+        done, carry = done + full, emb[used:].clone()  # not a view of all emb
+    return F.normalize(weights, dim=-1).t()                                  # [e, C]
 
 
 def zero_shot_topk(image: torch.Tensor, labels: torch.Tensor,
