@@ -121,11 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                     sink.write(process(sample, labels, args.mode, report))
             except Exception as e:  # keep going: report the shard, keep what was readable
                 report["shard_errors"].append(f"{url}: {type(e).__name__}: {e}"[:300])
-    unused, examples = 0, []
-    for key in labels.unused_keys():
-        unused += 1
-        if len(examples) < 10:
-            examples.append(key)
+    unused, examples = labels.unused(10)
     labels.close()
     report["unused_label_keys"] = unused
     report["unused_label_examples"] = examples

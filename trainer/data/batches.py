@@ -110,7 +110,10 @@ class Batches:
 
     def shards_failed(self) -> int:
         """Shards of this rank that failed to open or read since the run started."""
-        return 0 if self.loader is None else sum(self.loader.counters[r] for r in SHARD_FAILURES)
+        if self.loader is None:
+            return 0
+        counters = self.loader.counters  # merged over the workers on each read: once
+        return sum(counters[r] for r in SHARD_FAILURES)
 
 
 def to_device(batch: dict, device, cfg: Config) -> dict:

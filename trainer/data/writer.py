@@ -133,6 +133,8 @@ class ShardSink:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self.file_name is not None and not self.paths and exc[0] is None:
+            self._open_next()  # one output per input shard: an empty input still gets its tar
         self.close()
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import tarfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -132,8 +131,6 @@ class ShardLabeller:
                 n += len(batch)
                 if on_batch is not None:
                     on_batch(len(batch))
-        if not sink.paths:  # an empty input shard still gets an (empty) output tar
-            tarfile.open(tmp, "w").close()
         commit_file(tmp, self.out / name)
         report = {"shard": url, "output": name, "samples": n, "regions": counts["regions"],
                   **{r: counts[r] for r in REASONS}, "read_error": error,
@@ -200,7 +197,6 @@ def _batches(samples: Iterator[dict], size: int) -> Iterator[list[dict]]:
     batch: list[dict] = []
     try:
         for s in samples:
-            s.pop("__duplicate__", None)
             batch.append(s)
             if len(batch) >= size:
                 yield batch
