@@ -168,7 +168,8 @@ def forward_backward(model: torch.nn.Module, microbatches: list[dict], cfg: Conf
     # MoE aux losses ride on the layer outputs; their gradient is scaled like the main loss
     # (which the schedule divides by the number of microbatches).
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / len(microbatches)))
-    if "region_rows" not in microbatches[0]:  # the trainer plans on the host batches
+    if uses_regions(microbatches[0], cfg.train) and "region_rows" not in microbatches[0]:
+        # not planned by the caller (the trainer plans on the host batches)
         microbatches = [dict(mb) for mb in microbatches]   # the caller's dicts stay as given
         plan_regions(microbatches, cfg.train)
     if cfg.train.contrastive_scope == "step" and not forward_only:

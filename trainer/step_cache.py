@@ -60,11 +60,8 @@ def step_loss_grads(outputs: list[dict], microbatches: list[dict], cfg: Config
                     ) -> tuple[list[dict], dict]:
     """The loss over all cached ``outputs`` (one dict per micro-batch, no grad) -> (per
     micro-batch {output key: d loss / d output}, metrics). Collective over DP (the gather)."""
-    leaves = {}
-    for k, v in outputs[0].items():
-        if isinstance(v, torch.Tensor) and v.is_floating_point():
-            whole = torch.cat([o[k] for o in outputs]) if v.dim() else v
-            leaves[k] = whole.detach().requires_grad_(True)
+    leaves = {k: v.detach().requires_grad_(True) for k, v in _concat(outputs).items()
+              if isinstance(v, torch.Tensor) and v.is_floating_point()}
     batch = _concat(microbatches, _SKIP_BATCH_KEYS)
     if "region_total" in batch:  # planned per micro-batch (trainer.step.plan_regions): the step's
         batch["region_total"] = sum(mb["region_total"] for mb in microbatches)
