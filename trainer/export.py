@@ -229,16 +229,17 @@ def _write_moe(src: Source, d: Directory, dtype: torch.dtype) -> list[str]:
                          f"beside {CONFIG_FILE} for trainer.hub.load_tokenizer")
     source = {"checkpoint": str(src.path), "step": src.manifest["step"],
               "merged_experts": src.merged_from is not None}
+    p = preprocess(src.cfg)
     d.json(CONFIG_FILE, {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "model": dataclasses.asdict(src.cfg.model), "tokenizer": tok,
-        "preprocess": preprocess(src.cfg), "weights": WEIGHTS_FILE, "source": source,
+        "preprocess": p, "weights": WEIGHTS_FILE, "source": source,
         # transformers: AutoModel.from_pretrained(<out>, trust_remote_code=True)
         "model_type": remote_code.MODEL_TYPE, "architectures": [remote_code.MODEL_CLASS],
         "auto_map": remote_code.AUTO_MAP, "dtype": str(dtype).removeprefix("torch.")})
     (d.path / remote_code.FILE_NAME).write_text(remote_code.modeling_source())
     (d.path / "README.md").write_text(
-        model_card(src.cfg, src.manifest, source, preprocess(src.cfg)))
+        model_card(src.cfg, src.manifest, source, p))
     d.safetensors(WEIGHTS_FILE, _cast(convert.to_hub(src.full, src.cfg.model), dtype))
     return notes
 
